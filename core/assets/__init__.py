@@ -1,0 +1,1 @@
+"""Bundled demo data (a CT slice and its liver mask, with attribution)."""

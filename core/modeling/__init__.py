@@ -1,0 +1,22 @@
+"""SAM building blocks: image encoders (ViT, TinyViT), prompt encoder, two-way transformer, mask decoder."""
+
+from samadapt.modeling.common import MLP, LayerNorm2d, MLPBlock
+from samadapt.modeling.image_encoder_vit import ImageEncoderViT
+from samadapt.modeling.mask_decoder import MaskDecoder
+from samadapt.modeling.prompt_encoder import PromptEncoder
+from samadapt.modeling.sam import EncoderOutput, SamModel
+from samadapt.modeling.tiny_vit import TinyViT
+from samadapt.modeling.transformer import TwoWayTransformer
+
+__all__ = [
+    "MLP",
+    "EncoderOutput",
+    "ImageEncoderViT",
+    "LayerNorm2d",
+    "MLPBlock",
+    "MaskDecoder",
+    "PromptEncoder",
+    "SamModel",
+    "TinyViT",
+    "TwoWayTransformer",
+]

@@ -1,0 +1,195 @@
+"""Interactive prediction: embed an image once, then prompt it any number of times."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from samadapt.errors import InputError
+from samadapt.modeling import SamModel
+from samadapt.precision import autocast, resolve_precision
+from samadapt.preprocess import postprocess_logits, preprocess
+
+
+@dataclass
+class ImageEmbedding:
+    """A cached image embedding and the geometry needed to map prompts and masks.
+
+    Attributes:
+        embedding: (1, 256, 64, 64) float32 on the predictor's device.
+        original_size: (H, W) of the input image.
+        resized_size: (h, w) of the image inside the padded encoder frame.
+    """
+
+    embedding: torch.Tensor
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+
+
+@dataclass
+class Prediction:
+    """Masks at the original resolution, their predicted IoU and the low-res logits.
+
+    Attributes:
+        masks: (B, K, H, W) bool.
+        scores: (B, K) predicted IoU.
+        low_res_logits: (B, K, 256, 256) float32 decoder logits (feed back as ``mask_input``).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: torch.Tensor
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """Embed once, prompt many times.
+
+    Args:
+        model: a loaded :class:`SamModel` (put in eval mode here).
+        device: ``cpu``, ``cuda``, ``auto`` or a torch device.
+        precision: ``auto`` (bf16 on CPUs with bf16 support, fp16/bf16 on CUDA, else fp32), ``bf16``,
+            ``fp16`` (CUDA) or ``fp32``. The encoder runs at this precision; the light decoder in fp32.
+    """
+
+    def __init__(self, model: SamModel, device: str | torch.device | None = "cpu", precision: str = "auto"):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device)
+        self._current: ImageEmbedding | None = None
+        self.last_encode_seconds = 0.0
+
+    @property
+    def profile(self):  # noqa: ANN201 - PreprocessProfile
+        return self.model.profile
+
+    # ------------------------------------------------------------------ embedding
+    def embed(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageEmbedding]:
+        """Embed several images (e.g. the slices of a volume), ``batch_size`` at a time."""
+        results: list[ImageEmbedding] = []
+        start = time.perf_counter()
+        for first in range(0, len(images), batch_size):
+            chunk = images[first : first + batch_size]
+            tensors, sizes = [], []
+            for image in chunk:
+                tensor, resized = preprocess(image, self.profile)
+                tensors.append(tensor)
+                sizes.append(((int(np.shape(image)[0]), int(np.shape(image)[1])), resized))
+            batch = torch.cat(tensors).to(self.device)
+            with torch.inference_mode(), autocast(self.precision, self.device):
+                embeddings = self.model.encode(batch).embedding
+            embeddings = embeddings.float()
+            for i, (original, resized) in enumerate(sizes):
+                results.append(ImageEmbedding(embeddings[i : i + 1].clone(), original, resized))
+        self.last_encode_seconds = time.perf_counter() - start
+        return results
+
+    def set_image(self, image: np.ndarray) -> ImageEmbedding:
+        """Embed one image (gray/RGB; uint8/uint16/float; any size) and cache it for :meth:`predict`."""
+        self._current = self.embed([image])[0]
+        return self._current
+
+    @property
+    def current(self) -> ImageEmbedding:
+        if self._current is None:
+            raise RuntimeError("call set_image() before predict()")
+        return self._current
+
+    # ------------------------------------------------------------------ prompting
+    def _check_inside(self, coords: np.ndarray, size: tuple[int, int], what: str) -> None:
+        height, width = size
+        if not np.isfinite(coords).all():
+            raise InputError(f"{what} has non-finite coordinates")
+        xs, ys = coords[..., 0], coords[..., 1]
+        if xs.min() < 0 or ys.min() < 0 or xs.max() > width or ys.max() > height:
+            raise InputError(f"{what} lies outside the {width}x{height} image")
+
+    def _boxes(self, boxes: np.ndarray | Sequence[float], size: tuple[int, int]) -> np.ndarray:
+        array = np.asarray(boxes, dtype=np.float64)
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2 or array.shape[1] != 4:
+            raise InputError(f"boxes must be (4,) or (B, 4) as x0 y0 x1 y1, got shape {array.shape}")
+        if ((array[:, 2] <= array[:, 0]) | (array[:, 3] <= array[:, 1])).any():
+            raise InputError("box is reversed or empty: need x0 < x1 and y0 < y1")
+        self._check_inside(array.reshape(-1, 2, 2), size, "box")
+        return array
+
+    def predict(
+        self,
+        *,
+        point_coords: np.ndarray | Sequence[Sequence[float]] | None = None,
+        point_labels: np.ndarray | Sequence[int] | None = None,
+        boxes: np.ndarray | Sequence[float] | None = None,
+        mask_input: torch.Tensor | np.ndarray | None = None,
+        multimask_output: bool = False,
+        embedding: ImageEmbedding | None = None,
+    ) -> Prediction:
+        """Prompt the cached (or given) embedding; coordinates are pixels of the original image.
+
+        Args:
+            point_coords: (N, 2) or (B, N, 2) x, y. point_labels: (N,) or (B, N); 1 fg, 0 bg.
+            boxes: (4,) or (B, 4) x0, y0, x1, y1 — many boxes decode in one batch.
+            mask_input: (B, 1, 256, 256) low-res logits from an earlier prediction.
+            multimask_output: three candidate masks per prompt instead of one.
+            embedding: use this embedding instead of the one from :meth:`set_image`.
+        """
+        emb = embedding or self.current
+        size = emb.original_size
+        profile = self.profile
+        points_t = None
+        if point_coords is not None:
+            coords = np.asarray(point_coords, dtype=np.float64)
+            if coords.ndim == 2:
+                coords = coords[None]
+            if coords.ndim != 3 or coords.shape[-1] != 2:
+                raise InputError(f"points must be (N, 2) or (B, N, 2), got shape {coords.shape}")
+            labels = np.ones(coords.shape[:2]) if point_labels is None else np.asarray(point_labels, float)
+            labels = labels.reshape(coords.shape[:2]) if labels.size == coords.shape[0] * coords.shape[1] else None
+            if labels is None:
+                raise InputError("point_labels must give one label per point")
+            self._check_inside(coords, size, "point")
+            points_t = (
+                torch.as_tensor(profile.coords_to_input(coords, size), dtype=torch.float32, device=self.device),
+                torch.as_tensor(labels, dtype=torch.float32, device=self.device),
+            )
+        boxes_t = None
+        if boxes is not None:
+            box_array = self._boxes(boxes, size)
+            scaled = profile.coords_to_input(box_array.reshape(-1, 2, 2), size).reshape(-1, 4)
+            boxes_t = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
+        if points_t is not None and boxes_t is not None and points_t[0].shape[0] != boxes_t.shape[0]:
+            if points_t[0].shape[0] != 1:
+                raise InputError("give one point set per box, or one point set for all boxes")
+            points_t = (
+                points_t[0].expand(boxes_t.shape[0], -1, -1),
+                points_t[1].expand(boxes_t.shape[0], -1),
+            )
+        mask_t = None
+        if mask_input is not None:
+            mask_t = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device)
+            if mask_t.ndim == 3:
+                mask_t = mask_t[:, None]
+        with torch.inference_mode():
+            logits, iou = self.model.decode(
+                emb.embedding,
+                points=points_t,
+                boxes=boxes_t,
+                mask_input=mask_t,
+                multimask_output=multimask_output,
+            )
+            full = postprocess_logits(logits, profile, emb.resized_size, size)
+        return Prediction(
+            masks=(full > 0).cpu().numpy(),
+            scores=iou.float().cpu().numpy(),
+            low_res_logits=logits.float(),
+        )

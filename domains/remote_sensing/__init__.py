@@ -1,0 +1,1 @@
+"""Remote-sensing IO (GeoTIFF windows with CRS/transform/nodata) and transforms."""
