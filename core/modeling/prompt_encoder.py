@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
-from torch import nn
-
 from samadapt.modeling.common import LayerNorm2d
+from torch import nn
 
 
 class PositionEmbeddingRandom(nn.Module):
     """Random Fourier features of normalised (x, y) coordinates."""
+
+    positional_encoding_gaussian_matrix: torch.Tensor
 
     def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
         super().__init__()
@@ -20,7 +22,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """coords in [0, 1], (..., 2) -> (..., 2 * num_pos_feats)."""
-        gaussian: torch.Tensor = self.positional_encoding_gaussian_matrix
+        gaussian = self.positional_encoding_gaussian_matrix
         coords = (2 * coords - 1) @ gaussian.to(coords.dtype)
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
@@ -28,7 +30,7 @@ class PositionEmbeddingRandom(nn.Module):
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Dense encoding of an (H, W) grid of cell centres: (C, H, W)."""
         height, width = size
-        gaussian: torch.Tensor = self.positional_encoding_gaussian_matrix
+        gaussian = self.positional_encoding_gaussian_matrix
         grid = torch.ones((height, width), device=gaussian.device, dtype=gaussian.dtype)
         y_embed = (grid.cumsum(dim=0) - 0.5) / height
         x_embed = (grid.cumsum(dim=1) - 0.5) / width
@@ -82,6 +84,10 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
+    def _point_weight(self, index: int) -> torch.Tensor:
+        """(1, C) embedding of point kind ``index``: 0 negative, 1 positive, 2/3 box corners."""
+        return cast(nn.Embedding, self.point_embeddings[index]).weight
+
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image embedding grid: (1, C, H, W)."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
@@ -95,15 +101,15 @@ class PromptEncoder(nn.Module):
         embedding = self.pe_layer.forward_with_coords(points, self.input_image_size)
         labels = labels[..., None]
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight.expand_as(embedding), embedding)
-        embedding = embedding + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        return embedding + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        embedding = embedding + torch.where(labels == 0, self._point_weight(0), 0.0)
+        return embedding + torch.where(labels == 1, self._point_weight(1), 0.0)
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """boxes (B, 4) or (B, 1, 4) as x0, y0, x1, y1 -> (B, 2, C)."""
         corners = (boxes + 0.5).reshape(-1, 2, 2)
         embedding = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        embedding[:, 0, :] += self.point_embeddings[2].weight[0]
-        embedding[:, 1, :] += self.point_embeddings[3].weight[0]
+        embedding[:, 0, :] += self._point_weight(2)[0]
+        embedding[:, 1, :] += self._point_weight(3)[0]
         return embedding
 
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
@@ -137,7 +143,7 @@ class PromptEncoder(nn.Module):
             learned no-mask embedding.
         """
         batch = self._batch_size(points, boxes, masks)
-        weight = self.point_embeddings[0].weight
+        weight = self._point_weight(0)
         sparse = torch.empty((batch, 0, self.embed_dim), device=weight.device, dtype=weight.dtype)
         if points is not None:
             coords, labels = points

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import torch
-from torch import nn
-
 from samadapt.modeling.mask_decoder import MaskDecoder
 from samadapt.modeling.prompt_encoder import PromptEncoder
 from samadapt.preprocess import PreprocessProfile
+from torch import nn
+
+
+class FeatureEncoder(Protocol):
+    """What the core needs from an image encoder (ViT, TinyViT, or an adapter's replacement)."""
+
+    def forward_with_features(
+        self, x: torch.Tensor, feature_indexes: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
 
 
 @dataclass
@@ -58,7 +66,8 @@ class SamModel(nn.Module):
 
     def encode(self, images: torch.Tensor, feature_indexes: Sequence[int] = ()) -> EncoderOutput:
         """(B, 3, S, S) preprocessed images -> embedding (B, 256, 64, 64) and requested features."""
-        embedding, features = self.image_encoder.forward_with_features(images, feature_indexes)
+        encoder = cast(FeatureEncoder, self.image_encoder)
+        embedding, features = encoder.forward_with_features(images, feature_indexes)
         return EncoderOutput(embedding, features)
 
     def decode(

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from samadapt.modeling.common import LayerNorm2d
+from torch import nn
 
 
 class Conv2dBN(nn.Sequential):
@@ -31,15 +31,17 @@ class Conv2dBN(nn.Sequential):
         bn_weight_init: float = 1.0,
     ) -> None:
         super().__init__()
-        self.add_module("c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, groups=groups, bias=False))
+        self.add_module(
+            "c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, groups=groups, bias=False)
+        )
         bn = nn.BatchNorm2d(out_chans)
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.constant_(bn.bias, 0.0)
         self.add_module("bn", bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv: nn.Conv2d = self.c
-        bn: nn.BatchNorm2d = self.bn
+        conv = cast(nn.Conv2d, self.c)
+        bn = cast(nn.BatchNorm2d, self.bn)
         if self.training or bn.running_var is None or bn.running_mean is None:
             return bn(conv(x))
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (out,)
@@ -122,6 +124,8 @@ class ConvLayer(nn.Module):
 
 class TinyAttention(nn.Module):
     """Window attention with a learned per-offset bias table (LeViT style). (B, N, C) -> (B, N, C)."""
+
+    attention_bias_idxs: torch.Tensor
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, resolution: tuple[int, int]) -> None:
         super().__init__()

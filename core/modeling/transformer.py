@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from samadapt.modeling.common import MLPBlock
+from torch import nn
 
 
 class Attention(nn.Module):
