@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from torch import nn
+
 from samadapt.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -18,7 +20,6 @@ from samadapt.modeling import (
     TwoWayTransformer,
 )
 from samadapt.preprocess import LITEMEDSAM_PROFILE, MEDSAM_PROFILE, SAM_PROFILE, PreprocessProfile
-from torch import nn
 
 
 def _prompt_and_decoder(

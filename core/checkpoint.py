@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from samadapt.builders import VARIANTS, build
 from samadapt.errors import CheckpointError
 from samadapt.modeling import SamModel

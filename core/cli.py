@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+
 from samadapt.errors import InputError, SamadaptError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm")
@@ -199,6 +200,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     import torch
+
     from samadapt.builders import VARIANTS
     from samadapt.precision import cpu_supports_bf16, resolve_precision
     from samadapt.predictor import pick_device

@@ -8,6 +8,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
 from samadapt.errors import InputError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from samadapt.errors import InputError
 from samadapt.modeling import SamModel
 from samadapt.precision import autocast, resolve_precision

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from samadapt.errors import InputError
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from samadapt.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -108,10 +109,21 @@ def overlay(
     boxes: Sequence[Sequence[float]] = (),
     points: Sequence[tuple[float, float, bool]] = (),
     alpha: float = 0.45,
+    min_size: int = 0,
 ) -> np.ndarray:
-    """Blend masks (each (H, W) bool) over the image, draw box outlines and points: (H, W, 3) uint8."""
+    """Blend masks (each (H, W) bool) over the image, draw box outlines and points: (H', W', 3) uint8.
+
+    Images smaller than ``min_size`` are enlarged by a whole factor (nearest neighbour) so that small
+    slices stay legible; boxes and points are scaled with them.
+    """
     from PIL import Image, ImageDraw
 
+    factor = max(1, min_size // max(np.shape(image)[:2])) if min_size else 1
+    if factor > 1:
+        image = np.repeat(np.repeat(display_rgb(image), factor, axis=0), factor, axis=1)
+        masks = [np.repeat(np.repeat(m, factor, axis=0), factor, axis=1) for m in masks]
+        boxes = [[(v + 0.5) * factor - 0.5 for v in box] for box in boxes]
+        points = [((x + 0.5) * factor - 0.5, (y + 0.5) * factor - 0.5, pos) for x, y, pos in points]
     rgb = display_rgb(image).astype(np.float64)
     for i, mask in enumerate(masks):
         color = np.array(OVERLAY_COLORS[i % len(OVERLAY_COLORS)], dtype=np.float64)

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from samadapt.modeling.common import LayerNorm2d, MLPBlock
 from torch import nn
+
+from samadapt.modeling.common import LayerNorm2d, MLPBlock
 
 
 class PatchEmbed(nn.Module):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from samadapt.modeling.common import MLP, LayerNorm2d
 from torch import nn
+
+from samadapt.modeling.common import MLP, LayerNorm2d
 
 
 class MaskDecoder(nn.Module):

@@ -6,8 +6,9 @@ import math
 from typing import cast
 
 import torch
-from samadapt.modeling.common import LayerNorm2d
 from torch import nn
+
+from samadapt.modeling.common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

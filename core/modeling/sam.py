@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 import torch
+from torch import nn
+
 from samadapt.modeling.mask_decoder import MaskDecoder
 from samadapt.modeling.prompt_encoder import PromptEncoder
 from samadapt.preprocess import PreprocessProfile
-from torch import nn
 
 
 class FeatureEncoder(Protocol):

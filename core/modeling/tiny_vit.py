@@ -13,8 +13,9 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from samadapt.modeling.common import LayerNorm2d
 from torch import nn
+
+from samadapt.modeling.common import LayerNorm2d
 
 
 class Conv2dBN(nn.Sequential):

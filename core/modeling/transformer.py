@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from samadapt.modeling.common import MLPBlock
 from torch import nn
+
+from samadapt.modeling.common import MLPBlock
 
 
 class Attention(nn.Module):
