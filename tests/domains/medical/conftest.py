@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from samadapt.domains.medical import Volume, affine_from_lps
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "totalsegmentator"

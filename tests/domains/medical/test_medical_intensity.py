@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from samadapt.domains.medical import PRESETS, Volume, apply_intensity, guess_preset, read_volume
 from samadapt.errors import InputError
 

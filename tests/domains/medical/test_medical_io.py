@@ -13,6 +13,7 @@ import nrrd
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from samadapt.domains.medical import (
     Volume,
     guess_preset,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from samadapt.domains.medical import Volume, dice, evaluate_labels, hd95, nsd, read_volume
 from samadapt.errors import InputError
 

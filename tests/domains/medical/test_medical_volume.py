@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from samadapt.domains.medical import Volume, affine_from_lps, lps_from_affine, reorient_like, require_3d
 from samadapt.errors import InputError
 

@@ -1,0 +1,167 @@
+"""Volume CLI on real data: liver propagation on TotalSegmentator CT, evaluate, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from samadapt.cli import main
+from samadapt.domains.medical import Volume, read_volume, write_volume
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "totalsegmentator"
+CT = DATA / "example_ct_sm.nii.gz"
+SEG = DATA / "example_seg.nii.gz"
+LIVER = 5  # class_map_total_and_total_mr.json: "5": "liver"
+
+
+def _liver_box() -> tuple[int, list[str]]:
+    liver = read_volume(SEG).array == LIVER
+    k = int(liver.sum(axis=(0, 1)).argmax())
+    ii, jj = np.nonzero(liver[:, :, k])
+    return k, [str(v) for v in (ii.min(), jj.min(), ii.max(), jj.max())]
+
+
+@pytest.fixture(scope="module")
+def liver_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    out_dir = tmp_path_factory.mktemp("liver")
+    out = out_dir / "liver.nii.gz"
+    k, box = _liver_box()
+    args = ["segment", str(CT), "--box", *box, "--slice", str(k), "-o", str(out), "--label", str(LIVER)]
+    assert main([*args, "--overlay", str(out_dir / "liver.png"), "--no-progress"]) == 0
+    return out, out_dir, str(k)
+
+
+def test_liver_propagates_to_a_3d_mask_with_dice_above_085(liver_run, capsys) -> None:
+    out, _, _ = liver_run
+    pred, truth = read_volume(out), read_volume(SEG)
+    assert pred.shape == truth.shape
+    np.testing.assert_array_equal(pred.affine, read_volume(CT).affine)
+    liver = truth.array == LIVER
+    mask = pred.array == LIVER
+    dice = 2 * (mask & liver).sum() / (mask.sum() + liver.sum())
+    print(f"liver Dice (LiteMedSAM propagation, ct-soft, bf16/auto): {dice:.4f}")
+    assert dice >= 0.85
+    assert set(np.unique(pred.array)) == {0, LIVER}
+
+
+def test_evaluate_prints_dice_nsd_hd95(liver_run, capsys, tmp_path: Path) -> None:
+    out, _, _ = liver_run
+    report = tmp_path / "report.json"
+    assert main(["evaluate", str(out), str(SEG), "--labels", str(LIVER), "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "Dice" in text and "HD95" in text and "NSD@2mm" in text
+    import json
+
+    rows = json.loads(report.read_text())
+    assert rows[0]["label"] == LIVER and rows[0]["dice"] >= 0.85
+    assert 0 < rows[0]["hd95"] < 30
+
+
+def test_overlay_written(liver_run) -> None:
+    _, out_dir, _ = liver_run
+    from PIL import Image
+
+    assert Image.open(out_dir / "liver.png").size[0] >= 4 * 101
+
+
+def _write(tmp_path: Path, name: str, array: np.ndarray) -> Path:
+    path = tmp_path / name
+    reference = Volume(np.zeros(array.shape[:3]), np.diag([2.0, 2.0, 3.0, 1.0]))
+    if array.ndim == 4:
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(array, reference.affine), str(path))
+    else:
+        write_volume(path, array, reference)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("4d", "4D"),
+        ("nan", "NaN"),
+        ("single-slice", "slice"),
+        ("slice-outside", "outside the volume"),
+        ("box-outside", "outside"),
+        ("box-reversed", "reversed"),
+        ("no-slice", "--slice"),
+        ("bad-output", "must end in"),
+        ("missing", "not found"),
+    ],
+)
+def test_volume_bad_input_one_line_no_output(case: str, message: str, tmp_path: Path, capsys) -> None:
+    volume = np.random.default_rng(0).normal(0, 100, (20, 20, 6)).astype(np.float32)
+    source = _write(tmp_path, "ct.nii.gz", volume)
+    out = tmp_path / ("seg.txt" if case == "bad-output" else "seg.nii.gz")
+    prompt = ["--box", "2", "2", "10", "10", "--slice", "3"]
+    if case == "4d":
+        source = _write(tmp_path, "ct4d.nii.gz", np.stack([volume, volume], axis=-1))
+    elif case == "nan":
+        volume[1, 1, 1] = np.nan
+        source = _write(tmp_path, "nan.nii.gz", volume)
+    elif case == "single-slice":
+        source = _write(tmp_path, "one.nii.gz", volume[:, :, :1])
+        prompt = ["--box", "2", "2", "10", "10", "--slice", "0"]
+    elif case == "slice-outside":
+        prompt = ["--box", "2", "2", "10", "10", "--slice", "6"]
+    elif case == "box-outside":
+        prompt = ["--box", "2", "2", "25", "10", "--slice", "3"]
+    elif case == "box-reversed":
+        prompt = ["--box", "10", "2", "2", "10", "--slice", "3"]
+    elif case == "no-slice":
+        prompt = ["--box", "2", "2", "10", "10"]
+    elif case == "missing":
+        source = tmp_path / "nope.nii.gz"
+    code = main(["segment", str(source), *prompt, "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert message in err, err
+    assert len(err.splitlines()) == 1, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".seg")]
+
+
+def test_four_d_volume_with_channel_works(tmp_path: Path, capsys) -> None:
+    volume = np.zeros((24, 24, 5), np.float32)
+    volume[6:18, 6:18, :] = 200.0
+    source = _write(tmp_path, "ct4d.nii.gz", np.stack([volume * 0, volume], axis=-1))
+    out = tmp_path / "seg.nrrd"
+    code = main(
+        [
+            "segment",
+            str(source),
+            "--channel",
+            "1",
+            "--box",
+            "5",
+            "5",
+            "18",
+            "18",
+            "--slice",
+            "2",
+            "--window",
+            "100",
+            "400",
+            "-o",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    result = read_volume(out)
+    assert result.shape == (24, 24, 5)
+    np.testing.assert_allclose(result.affine, np.diag([2.0, 2.0, 3.0, 1.0]), atol=1e-6)
+
+
+def test_evaluate_refuses_grid_mismatch(tmp_path: Path, capsys) -> None:
+    a = _write(tmp_path, "a.nii.gz", np.ones((8, 8, 4), np.uint8))
+    path = tmp_path / "b.nii.gz"
+    write_volume(
+        path, np.ones((8, 8, 4), np.uint8), Volume(np.zeros((8, 8, 4)), np.diag([1.0, 1.0, 1.0, 1.0]))
+    )
+    assert main(["evaluate", str(a), str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "grid mismatch" in err and len(err.splitlines()) == 1
