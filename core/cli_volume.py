@@ -118,15 +118,16 @@ def segment_volume(args: argparse.Namespace) -> int:
     index, prompts = _prompts(args, volume, args.axis)
     preset = None if args.window else (args.preset or guess_preset(volume))
     image = apply_intensity(volume.array, preset=preset, window=tuple(args.window) if args.window else None)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
     predictor, described = load_predictor(args)
     total = slice_count(volume.shape, args.axis)
     start = time.perf_counter()
     with tqdm(
         total=total, desc="embedding slices", unit="slice", disable=args.no_progress, leave=False
     ) as bar:
-        segmenter = VolumeSegmenter(
-            predictor, image, args.axis, batch_size=args.batch_size, progress=bar.update
-        )
+        batch_size = args.batch_size or (8 if predictor.device.type == "cuda" else 2)
+        segmenter = VolumeSegmenter(predictor, image, args.axis, batch_size=batch_size, progress=bar.update)
         masks = [(p.label, segmenter.segment(p, roi)) for p in prompts]
     seconds = time.perf_counter() - start
     labelmap = combine_labels(masks, volume.shape)

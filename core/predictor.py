@@ -63,7 +63,8 @@ class Predictor:
 
     def __init__(self, model: SamModel, device: str | torch.device | None = "cpu", precision: str = "auto"):
         self.device = pick_device(device)
-        self.model = model.to(self.device).eval()
+        # channels-last convolutions are ~25% faster on CPU (oneDNN) and on CUDA tensor cores
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.precision = resolve_precision(precision, self.device)
         self._current: ImageEmbedding | None = None
         self.last_encode_seconds = 0.0
@@ -84,7 +85,7 @@ class Predictor:
                 tensor, resized = preprocess(image, self.profile)
                 tensors.append(tensor)
                 sizes.append(((int(np.shape(image)[0]), int(np.shape(image)[1])), resized))
-            batch = torch.cat(tensors).to(self.device)
+            batch = torch.cat(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast(self.precision, self.device):
                 embeddings = self.model.encode(batch).embedding
             embeddings = embeddings.float()

@@ -153,7 +153,8 @@ class TinyAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(batch, tokens, self.num_heads, -1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=3)
         q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, N, d)
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
+        # (1, heads, N, N): a 4D mask lets SDPA take its fused CPU kernel (a 3D one falls back to math)
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from samadapt.domains.medical.volume import Volume
 from samadapt.errors import InputError
 

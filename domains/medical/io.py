@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from samadapt._optional import optional_import
 from samadapt.domains.medical.volume import LPS_TO_RAS, Volume, affine_from_lps
 from samadapt.errors import InputError, SamadaptError

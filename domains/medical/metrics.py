@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from samadapt._optional import optional_import
 from samadapt.domains.medical.volume import Volume
 from samadapt.errors import InputError

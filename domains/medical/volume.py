@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from samadapt.errors import InputError
 
 __all__ = ["LPS_TO_RAS", "Volume", "affine_from_lps", "lps_from_affine", "reorient_like", "require_3d"]
