@@ -74,6 +74,17 @@ class Predictor:
         return self.model.profile
 
     # ------------------------------------------------------------------ embedding
+    def encode_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (B, 3, S, S) images -> (B, 256, 64, 64) float32 embeddings.
+
+        Runs the encoder as every predictor call does: inference mode, channels-last memory and the
+        resolved precision (bf16/fp16 autocast, or fp32).
+        """
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            embeddings = self.model.encode(batch).embedding
+        return embeddings.float()
+
     def embed(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageEmbedding]:
         """Embed several images (e.g. the slices of a volume), ``batch_size`` at a time."""
         results: list[ImageEmbedding] = []
@@ -85,10 +96,7 @@ class Predictor:
                 tensor, resized = preprocess(image, self.profile)
                 tensors.append(tensor)
                 sizes.append(((int(np.shape(image)[0]), int(np.shape(image)[1])), resized))
-            batch = torch.cat(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast(self.precision, self.device):
-                embeddings = self.model.encode(batch).embedding
-            embeddings = embeddings.float()
+            embeddings = self.encode_batch(torch.cat(tensors))
             for i, (original, resized) in enumerate(sizes):
                 results.append(ImageEmbedding(embeddings[i : i + 1].clone(), original, resized))
         self.last_encode_seconds = time.perf_counter() - start
@@ -168,7 +176,7 @@ class Predictor:
         boxes_t = None
         if boxes is not None:
             box_array = self._boxes(boxes, size)
-            scaled = profile.coords_to_input(box_array.reshape(-1, 2, 2), size).reshape(-1, 4)
+            scaled = profile.boxes_to_input(box_array, size)
             boxes_t = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
         if points_t is not None and boxes_t is not None and points_t[0].shape[0] != boxes_t.shape[0]:
             if points_t[0].shape[0] != 1:

@@ -31,12 +31,23 @@ class PreprocessProfile:
         input_size: encoder input side.
         keep_aspect: resize the longest side and pad (True) or stretch to a square (False).
         normalize: ``imagenet`` (mean/std on 0-255) or ``minmax`` (per-image to [0, 1]).
+        resize: ``area`` (exact pixel-overlap averaging, as OpenCV's INTER_AREA that LiteMedSAM was
+            trained with, both shrinking and enlarging), ``bilinear`` (SAM's PIL resize, antialiased)
+            or ``bicubic`` (MedSAM's skimage order-3 resize, antialiased).
+        quantize: work on 8-bit pixels as the reference pipeline does: non-uint8 images are
+            stretched to 0-255 and rounded, and the resized image is rounded again before min-max
+            (LiteMedSAM's cv2 pipeline; moving a pixel by less than one grey level changes its masks).
+        integer_boxes: truncate box corners to whole pixels of the encoder frame (LiteMedSAM was
+            trained and is run on integer boxes).
     """
 
     name: str
     input_size: int
     keep_aspect: bool
     normalize: str
+    resize: str = "bilinear"
+    quantize: bool = False
+    integer_boxes: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -48,6 +59,9 @@ class PreprocessProfile:
             input_size=int(data["input_size"]),  # type: ignore[call-overload]
             keep_aspect=bool(data["keep_aspect"]),
             normalize=str(data["normalize"]),
+            resize=str(data.get("resize", "bilinear")),
+            quantize=bool(data.get("quantize", False)),
+            integer_boxes=bool(data.get("integer_boxes", False)),
         )
 
     def resized_size(self, original: tuple[int, int]) -> tuple[int, int]:
@@ -65,10 +79,20 @@ class PreprocessProfile:
         out[..., 1] *= new_h / original[0]
         return out
 
+    def boxes_to_input(self, boxes: np.ndarray, original: tuple[int, int]) -> np.ndarray:
+        """Map (B, 4) x0, y0, x1, y1 boxes from the original image into the encoder frame."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if self.integer_boxes and self.keep_aspect:
+            # as LiteMedSAM's reference: one ratio for both axes, corners truncated to whole pixels
+            return np.trunc(boxes * (self.input_size / max(original)))
+        return self.coords_to_input(boxes.reshape(-1, 2, 2), original).reshape(-1, 4)
+
 
 SAM_PROFILE = PreprocessProfile("sam", 1024, keep_aspect=True, normalize="imagenet")
-MEDSAM_PROFILE = PreprocessProfile("medsam", 1024, keep_aspect=False, normalize="minmax")
-LITEMEDSAM_PROFILE = PreprocessProfile("litemedsam", 256, keep_aspect=True, normalize="minmax")
+MEDSAM_PROFILE = PreprocessProfile("medsam", 1024, keep_aspect=False, normalize="minmax", resize="bicubic")
+LITEMEDSAM_PROFILE = PreprocessProfile(
+    "litemedsam", 256, keep_aspect=True, normalize="minmax", resize="area", quantize=True, integer_boxes=True
+)
 PROFILES = {p.name: p for p in (SAM_PROFILE, MEDSAM_PROFILE, LITEMEDSAM_PROFILE)}
 
 
@@ -98,13 +122,31 @@ def to_rgb_float(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def _resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, *size): area averaging when shrinking, bilinear when enlarging."""
+def area_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) matrix of exact pixel-overlap weights; each row sums to 1.
+
+    Output pixel ``o`` covers input interval [o * s, (o + 1) * s) with s = in_size / out_size; its
+    value is the overlap-weighted mean of the input pixels. This is OpenCV's INTER_AREA for any scale.
+    """
+    scale = in_size / out_size
+    edges = torch.arange(out_size + 1, dtype=torch.float64) * scale
+    low, high = edges[:-1, None], edges[1:, None]
+    pixel = torch.arange(in_size, dtype=torch.float64)[None, :]
+    overlap = (torch.minimum(high, pixel + 1) - torch.maximum(low, pixel)).clamp(min=0)
+    return (overlap / overlap.sum(dim=1, keepdim=True)).float()
+
+
+def resize_image(tensor: torch.Tensor, size: tuple[int, int], method: str) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, *size) with ``area``, ``bilinear`` or ``bicubic`` resampling."""
     if tuple(tensor.shape[-2:]) == size:
         return tensor
-    if size[0] <= tensor.shape[-2] and size[1] <= tensor.shape[-1]:
-        return F.interpolate(tensor, size=size, mode="area")
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if method == "area":
+        rows = area_weights(tensor.shape[-2], size[0])  # (h, H)
+        cols = area_weights(tensor.shape[-1], size[1])  # (w, W)
+        return rows @ tensor @ cols.T
+    if method in ("bilinear", "bicubic"):
+        return F.interpolate(tensor, size=size, mode=method, align_corners=False, antialias=True)
+    raise ValueError(f"unknown resize method {method!r}")
 
 
 def preprocess(image: np.ndarray, profile: PreprocessProfile) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -122,14 +164,20 @@ def preprocess(image: np.ndarray, profile: PreprocessProfile) -> tuple[torch.Ten
     tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]  # (1, 3, H, W)
     new_size = profile.resized_size(original)
     if profile.normalize == "minmax":
-        tensor = _resize(tensor, new_size)
+        if profile.quantize:
+            if np.asarray(image).dtype != np.uint8:
+                lowest, highest = float(rgb.min()), float(rgb.max())
+                tensor = torch.round((tensor - lowest) / max(highest - lowest, 1e-8) * 255.0)
+            tensor = torch.floor(resize_image(tensor, new_size, profile.resize) + 0.5)  # cv2 rounds halves up
+        else:
+            tensor = resize_image(tensor, new_size, profile.resize)
         low, high = tensor.min(), tensor.max()
         tensor = (tensor - low) / torch.clamp(high - low, min=1e-8)
     elif profile.normalize == "imagenet":
         if rgb.min() < 0 or rgb.max() > 255 or not np.issubdtype(np.asarray(image).dtype, np.uint8):
             lowest, highest = float(rgb.min()), float(rgb.max())
             tensor = (tensor - lowest) / max(highest - lowest, 1e-8) * 255.0
-        tensor = _resize(tensor, new_size)
+        tensor = resize_image(tensor, new_size, profile.resize)
         mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
         tensor = (tensor - mean) / std

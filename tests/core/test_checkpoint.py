@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from samadapt import CheckpointError, build, load_model, save_model
 from samadapt.checkpoint import matching_variants, unwrap_state_dict
 from samadapt.weights import LITEMEDSAM_SHA256, sha256_of, verified_default_checkpoint

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from samadapt import build
 from samadapt.cli import main
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from samadapt import InputError, Predictor, build, load_model
 from samadapt.precision import resolve_precision
 from samadapt.preprocess import LITEMEDSAM_PROFILE, SAM_PROFILE, preprocess
