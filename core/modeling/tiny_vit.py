@@ -40,15 +40,69 @@ class Conv2dBN(nn.Sequential):
         nn.init.constant_(bn.bias, 0.0)
         self.add_module("bn", bn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convolution weight and bias with the eval-mode BatchNorm folded in."""
         conv = cast(nn.Conv2d, self.c)
         bn = cast(nn.BatchNorm2d, self.bn)
-        if self.training or bn.running_var is None or bn.running_mean is None:
-            return bn(conv(x))
+        assert bn.running_var is not None and bn.running_mean is not None
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (out,)
-        weight = conv.weight * scale[:, None, None, None]
-        bias = bn.bias - bn.running_mean * scale
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+
+    def forward(
+        self, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """conv + BN, then optionally ``+ residual`` and GELU, fused into one oneDNN call on CPU."""
+        conv = cast(nn.Conv2d, self.c)
+        bn = cast(nn.BatchNorm2d, self.bn)
+        if self.training or bn.running_var is None:
+            y = bn(conv(x))
+        else:
+            weight, bias = self.folded()
+            if use_fused_cpu_kernels(x):
+                return _fused_conv(x, weight, bias, conv, gelu, residual)
+            y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if residual is not None:
+            y = y + residual
+        return F.gelu(y) if gelu else y
+
+
+FUSED_CPU_KERNELS = True  # tests switch this off to check the fused path against the plain one
+
+
+def use_fused_cpu_kernels(x: torch.Tensor) -> bool:
+    """oneDNN conv + bias (+ add) + GELU fusion: eval mode on CPU, when this PyTorch build has it."""
+    return (
+        FUSED_CPU_KERNELS
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
+
+
+def _fused_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    conv: nn.Conv2d,
+    gelu: bool,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """Fewer passes over memory: the GELU or the residual add run inside the convolution.
+
+    Autocast does not see oneDNN's ops, so the autocast dtype (bf16) is applied here by hand.
+    """
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)  # type: ignore[arg-type]
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, *args, "gelu" if gelu else "none", [], "none"
+        )
+    # oneDNN fuses the residual add but not a GELU after it
+    out = torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual.to(dtype), weight, bias, *args, "add", None, None, [], None
+    )
+    return F.gelu(out) if gelu else out
 
 
 class PatchEmbed(nn.Module):
@@ -64,7 +118,8 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        first, _, second = self.seq
+        return second(first(x, gelu=True))
 
 
 class MBConv(nn.Module):
@@ -81,8 +136,9 @@ class MBConv(nn.Module):
         self.act3 = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act2(self.conv2(self.act1(self.conv1(x))))
-        return self.act3(self.conv3(y) + x)
+        # act1..act3 are GELUs applied inside the convolutions (fused on CPU at inference)
+        y = self.conv2(self.conv1(x, gelu=True), gelu=True)
+        return self.conv3(y, gelu=True, residual=x)
 
 
 class PatchMerging(nn.Module):
@@ -101,8 +157,8 @@ class PatchMerging(nn.Module):
         if x.ndim == 3:
             height, width = self.input_resolution
             x = x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
-        x = self.act(self.conv1(x))
-        x = self.act(self.conv2(x))
+        x = self.conv1(x, gelu=True)  # self.act is the GELU, applied inside the convolution
+        x = self.conv2(x, gelu=True)
         x = self.conv3(x)
         return x.flatten(2).transpose(1, 2)  # (B, H'*W', C_out)
 
