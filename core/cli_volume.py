@@ -79,8 +79,12 @@ def _prompts(args: argparse.Namespace, volume: Any, axis_name: str) -> tuple[int
         raise InputError("--label values must be between 1 and 65535")
     prompts = []
     for n in range(count_objects):
-        box = tuple(boxes[n]) if boxes else None
-        prompts.append(SlicePrompt(index, box, points if n == 0 or not boxes else [], labels[n]))
+        object_box: tuple[float, float, float, float] | None = (
+            (float(boxes[n][0]), float(boxes[n][1]), float(boxes[n][2]), float(boxes[n][3]))
+            if boxes
+            else None
+        )
+        prompts.append(SlicePrompt(index, object_box, points if n == 0 or not boxes else [], labels[n]))
     return index, prompts
 
 
@@ -179,5 +183,9 @@ def evaluate(args: argparse.Namespace) -> int:
         from samadapt.domains.images import atomic_write
 
         text = json.dumps(rows, indent=2, default=float)
-        atomic_write(args.json, lambda tmp: tmp.write_text(text))
+
+        def write_json(tmp: Path) -> None:
+            tmp.write_text(text)
+
+        atomic_write(args.json, write_json)
     return 0

@@ -64,7 +64,7 @@ class Predictor:
     def __init__(self, model: SamModel, device: str | torch.device | None = "cpu", precision: str = "auto"):
         self.device = pick_device(device)
         # channels-last convolutions are ~25% faster on CPU (oneDNN) and on CUDA tensor cores
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.precision = resolve_precision(precision, self.device)
         self._current: ImageEmbedding | None = None
         self.last_encode_seconds = 0.0

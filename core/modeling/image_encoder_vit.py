@@ -72,7 +72,8 @@ def decomposed_rel_pos_bias(
     q_grid = q.reshape(batch, heads, height, width, dim)
     bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, r_h)  # (B, heads, H, W, H)
     bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, r_w)  # (B, heads, H, W, W)
-    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, heads, H, W, H, W)
+    # contiguous operands give a contiguous sum, so the reshape below is a view, not a 4096^2 copy
+    bias = bias_h.contiguous()[..., :, None] + bias_w.contiguous()[..., None, :]  # (B, heads, H, W, H, W)
     return bias.reshape(batch, heads, height * width, height * width)
 
 

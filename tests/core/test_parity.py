@@ -191,3 +191,20 @@ def test_preprocess_matches_official_cv2_resize():
         diff = (ours - official).abs()
         assert float(diff.max()) <= 1.0 / 250, name  # one grey level of an image spanning >= 250 levels
         assert float((diff > 1e-6).float().mean()) < 0.1, name
+
+
+@pytest.mark.parametrize(
+    ("ours_name", "ref_name"), [("sam_vit_b", "vit_b"), ("sam_vit_l", "vit_l"), ("sam_vit_h", "vit_h")]
+)
+def test_vit_variants_have_the_official_parameter_names_and_shapes(ours_name: str, ref_name: str) -> None:
+    """Official SAM ViT-B/L/H checkpoints load strictly: same keys and shapes as segment-anything's."""
+    from segment_anything import sam_model_registry
+
+    from samadapt import build
+
+    with torch.device("meta"):
+        reference = sam_model_registry[ref_name]()
+        ours = build(ours_name)
+    ref_sig = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    our_sig = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert our_sig == ref_sig
