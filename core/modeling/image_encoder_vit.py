@@ -102,25 +102,52 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, D) -> (B, H, W, D)."""
-        batch, height, width, dim = x.shape
+        return self.proj(self.attend(self.qkv(x)))
+
+    def forward_windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """Attention inside ``window`` x ``window`` windows: (B, H, W, D) -> (B, H, W, D).
+
+        Same result as zero-padding ``x`` to whole windows and attending per window, but the qkv and
+        output projections run on the real tokens only: a padded (zero) token's qkv is ``qkv(0)``.
+        """
+        size = (x.shape[1], x.shape[2])
+        qkv = self.qkv(x)  # (B, H, W, 3D)
+        pad_value = self.qkv(x.new_zeros(1, x.shape[-1]))[0]  # (3D,) what a zero token maps to
+        windows, padded = window_partition(qkv, window, pad_value)
+        attended = self.attend(windows)  # (B * nWin, window, window, D)
+        return self.proj(window_unpartition(attended, window, padded, size))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Projected (B, H, W, 3D) queries/keys/values -> (B, H, W, D) attention output, before proj."""
+        batch, height, width, three_dim = qkv.shape
+        dim = three_dim // 3
         # (B, H*W, 3, heads, hd) -> (3, B, heads, H*W, hd)
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
+        qkv = qkv.reshape(batch, height * width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         bias = None
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (height, width)).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, H*W, hd)
-        out = out.transpose(1, 2).reshape(batch, height, width, dim)
-        return self.proj(out)
+        return out.transpose(1, 2).reshape(batch, height, width, dim)
 
 
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, H, W, C) -> (B * nWin, window, window, C), zero-padding H and W to multiples of ``window``."""
+def window_partition(
+    x: torch.Tensor, window: int, pad_value: torch.Tensor | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWin, window, window, C), padding H and W to multiples of ``window``.
+
+    The padding is zeros, or ``pad_value`` (C,) when given.
+    """
     batch, height, width, channels = x.shape
     pad_h = (window - height % window) % window
     pad_w = (window - width % window) % window
     if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        if pad_value is None:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        else:
+            grown = pad_value.expand(batch, height + pad_h, width + pad_w, channels).clone()
+            grown[:, :height, :width] = x
+            x = grown
     hp, wp = height + pad_h, width + pad_w
     x = x.view(batch, hp // window, window, wp // window, window, channels)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, channels), (hp, wp)
@@ -163,12 +190,7 @@ class Block(nn.Module):
         """x: (B, H, W, D) -> (B, H, W, D)."""
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
-            size = (x.shape[1], x.shape[2])
-            windows, padded = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(windows), self.window_size, padded, size)
-        else:
-            x = self.attn(x)
+        x = self.attn.forward_windowed(x, self.window_size) if self.window_size > 0 else self.attn(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
 
