@@ -24,6 +24,51 @@ class LayerNorm2d(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+FUSED_CPU_KERNELS = True  # tests switch this off to check the fused paths against the plain ones
+
+
+def use_fused_cpu_kernels(x: torch.Tensor) -> bool:
+    """Use oneDNN's fused kernels: inference (no autograd) on the CPU, when this PyTorch build has them."""
+    return FUSED_CPU_KERNELS and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would compute in (bf16 under CPU autocast), else ``x``'s own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def linear(layer: nn.Module, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    """``activation(layer(x))`` for ``activation`` in none/gelu/relu.
+
+    A plain ``nn.Linear`` at inference on the CPU runs through oneDNN with the activation fused in:
+    about twice as fast as ``F.linear`` for SAM's shapes on this kind of CPU, same result to float
+    rounding. Any other module (an adapter's LoRA wrapper, say) is simply called.
+    """
+    if (
+        type(layer) is nn.Linear
+        and use_fused_cpu_kernels(x)
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and compute_dtype(x) in (torch.float32, torch.bfloat16)
+    ):
+        dtype = compute_dtype(x)
+        bias = layer.bias.to(dtype) if layer.bias is not None else None
+        algorithm = "none" if activation == "gelu" else ""
+        return torch.ops.mkldnn._linear_pointwise(
+            x.to(dtype), layer.weight.to(dtype), bias, activation, [], algorithm
+        )
+    y = layer(x)
+    if activation == "gelu":
+        return F.gelu(y)
+    return F.relu(y) if activation == "relu" else y
+
+
+def activation_name(act: nn.Module) -> str | None:
+    """``gelu``/``relu`` for activations oneDNN can fuse, else None."""
+    if type(act) is nn.GELU and act.approximate == "none":
+        return "gelu"
+    return "relu" if type(act) is nn.ReLU else None
+
+
 class MLPBlock(nn.Module):
     """Linear -> activation -> Linear, as in SAM's ViT blocks and two-way transformer."""
 
@@ -34,7 +79,10 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        name = activation_name(self.act)
+        if name is None:
+            return self.lin2(self.act(self.lin1(x)))
+        return linear(self.lin2, linear(self.lin1, x, name))
 
 
 class MLP(nn.Module):

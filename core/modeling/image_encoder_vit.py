@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.modeling.common import LayerNorm2d, MLPBlock
+from samadapt.modeling.common import LayerNorm2d, MLPBlock, linear
 
 
 class PatchEmbed(nn.Module):
@@ -102,7 +102,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, D) -> (B, H, W, D)."""
-        return self.proj(self.attend(self.qkv(x)))
+        return linear(self.proj, self.attend(linear(self.qkv, x)))
 
     def forward_windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
         """Attention inside ``window`` x ``window`` windows: (B, H, W, D) -> (B, H, W, D).
@@ -111,11 +111,11 @@ class Attention(nn.Module):
         output projections run on the real tokens only: a padded (zero) token's qkv is ``qkv(0)``.
         """
         size = (x.shape[1], x.shape[2])
-        qkv = self.qkv(x)  # (B, H, W, 3D)
-        pad_value = self.qkv(x.new_zeros(1, x.shape[-1]))[0]  # (3D,) what a zero token maps to
+        qkv = linear(self.qkv, x)  # (B, H, W, 3D)
+        pad_value = linear(self.qkv, x.new_zeros(1, x.shape[-1]))[0]  # (3D,) what a zero token maps to
         windows, padded = window_partition(qkv, window, pad_value)
         attended = self.attend(windows)  # (B * nWin, window, window, D)
-        return self.proj(window_unpartition(attended, window, padded, size))
+        return linear(self.proj, window_unpartition(attended, window, padded, size))
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Projected (B, H, W, 3D) queries/keys/values -> (B, H, W, D) attention output, before proj."""

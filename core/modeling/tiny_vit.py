@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.modeling.common import LayerNorm2d
+from samadapt.modeling.common import LayerNorm2d, compute_dtype, linear, use_fused_cpu_kernels
 
 
 class Conv2dBN(nn.Sequential):
@@ -58,7 +58,7 @@ class Conv2dBN(nn.Sequential):
             y = bn(conv(x))
         else:
             weight, bias = self.folded()
-            if use_fused_cpu_kernels(x):
+            if use_fused_convolutions(x):
                 return _fused_conv(x, weight, bias, conv, gelu, residual)
             y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if residual is not None:
@@ -66,17 +66,9 @@ class Conv2dBN(nn.Sequential):
         return F.gelu(y) if gelu else y
 
 
-FUSED_CPU_KERNELS = True  # tests switch this off to check the fused path against the plain one
-
-
-def use_fused_cpu_kernels(x: torch.Tensor) -> bool:
-    """oneDNN conv + bias (+ add) + GELU fusion: eval mode on CPU, when this PyTorch build has it."""
-    return (
-        FUSED_CPU_KERNELS
-        and x.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    )
+def use_fused_convolutions(x: torch.Tensor) -> bool:
+    """oneDNN conv + bias (+ add) + GELU fusion: inference on CPU, when this PyTorch build has it."""
+    return use_fused_cpu_kernels(x) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 def _fused_conv(
@@ -91,7 +83,7 @@ def _fused_conv(
 
     Autocast does not see oneDNN's ops, so the autocast dtype (bf16) is applied here by hand.
     """
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = compute_dtype(x)
     x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)  # type: ignore[arg-type]
     if residual is None:
@@ -206,13 +198,13 @@ class TinyAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(batch, tokens, self.num_heads, -1)
+        qkv = linear(self.qkv, self.norm(x)).view(batch, tokens, self.num_heads, -1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=3)
         q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, N, d)
         # (1, heads, N, N): a 4D mask lets SDPA take its fused CPU kernel (a 3D one falls back to math)
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        return linear(self.proj, out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
 class TinyMlp(nn.Module):
@@ -226,7 +218,7 @@ class TinyMlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        return linear(self.fc2, linear(self.fc1, self.norm(x), "gelu"))  # self.act: the fused GELU
 
 
 class TinyViTBlock(nn.Module):
