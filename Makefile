@@ -43,6 +43,7 @@ test: lint typecheck pytest
 bench: install-dev
 	$(PY) benchmarks/encoder_speed.py
 	$(PY) benchmarks/quality_2d.py
+	$(PY) benchmarks/volume_speed.py
 
 clean:
 	rm -rf build out .pytest_cache .mypy_cache .ruff_cache

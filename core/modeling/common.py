@@ -69,6 +69,16 @@ def activation_name(act: nn.Module) -> str | None:
     return "relu" if type(act) is nn.ReLU else None
 
 
+def sam_neck(in_chans: int, out_chans: int) -> nn.Sequential:
+    """SAM's encoder neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (keys ``neck.0`` .. ``neck.3``)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, kernel_size=1, bias=False),
+        LayerNorm2d(out_chans),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans),
+    )
+
+
 class MLPBlock(nn.Module):
     """Linear -> activation -> Linear, as in SAM's ViT blocks and two-way transformer."""
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.modeling.common import LayerNorm2d, MLPBlock, linear
+from samadapt.modeling.common import MLPBlock, linear, sam_neck
 
 
 class PatchEmbed(nn.Module):
@@ -238,12 +238,7 @@ class ImageEncoderViT(nn.Module):
             )
             for i in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
+        self.neck = sam_neck(embed_dim, out_chans)
 
     def forward_with_features(
         self, x: torch.Tensor, feature_indexes: Sequence[int] = ()

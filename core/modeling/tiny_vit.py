@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.modeling.common import LayerNorm2d, compute_dtype, linear, use_fused_cpu_kernels
+from samadapt.modeling.common import compute_dtype, linear, sam_neck, use_fused_cpu_kernels
 
 
 class Conv2dBN(nn.Sequential):
@@ -340,12 +340,7 @@ class TinyViT(nn.Module):
         if classifier_classes:
             self.norm_head = nn.LayerNorm(embed_dims[-1])
             self.head = nn.Linear(embed_dims[-1], classifier_classes)
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
+        self.neck = sam_neck(embed_dims[-1], out_chans)
 
     def forward_with_features(
         self, x: torch.Tensor, feature_indexes: Sequence[int] = ()
