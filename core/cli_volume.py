@@ -160,12 +160,21 @@ def segment_volume(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Dice, NSD and HD95 per label between a prediction and a ground truth on the same grid."""
-    from samadapt.domains.medical import evaluate_labels, read_volume
+    from samadapt.domains.medical import evaluate_labels, read_volume, reorient_like
 
     if args.tolerance < 0:
         raise InputError("--tolerance must be >= 0 mm")
     pred = read_volume(args.prediction)
     truth = read_volume(args.ground_truth)
+    if pred.shape != truth.shape or not np.allclose(pred.affine, truth.affine, atol=1e-4):
+        try:  # the same voxels stored in another axis order (a DICOM series vs dcm2niix's NIfTI, say)
+            pred = reorient_like(pred, truth)
+        except InputError:
+            raise InputError(
+                f"label grid mismatch: prediction {pred.shape} and ground truth {truth.shape} do not share "
+                "voxels (different shape, spacing, origin or direction); resample one onto the other first"
+            ) from None
+        print("note: prediction stored in another axis order; compared voxel for voxel after reordering")
     labels: Any = args.labels or None
     rows = evaluate_labels(pred, truth, tolerance_mm=args.tolerance, labels=labels)
     if not rows:

@@ -165,3 +165,54 @@ def test_evaluate_refuses_grid_mismatch(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", str(a), str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "grid mismatch" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_accepts_the_same_grid_in_another_axis_order(tmp_path: Path, capsys) -> None:
+    """A label map stored with j flipped (as dcm2niix does for DICOM) still compares voxel for voxel."""
+    truth = read_volume(SEG)
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1, truth.shape[1] - 1
+    flipped = Volume(truth.array[:, ::-1, :].copy(), truth.affine @ flip)
+    path = tmp_path / "flipped.nii.gz"
+    write_volume(path, flipped.array, flipped)
+    report = tmp_path / "r.json"
+    assert main(["evaluate", str(path), str(SEG), "--labels", str(LIVER), "1", "--json", str(report)]) == 0
+    import json
+
+    rows = json.loads(report.read_text())
+    assert [r["dice"] for r in rows] == [1.0, 1.0]
+    assert "another axis order" in capsys.readouterr().out
+
+
+def test_dicom_series_segments_and_evaluates_against_its_nifti_label_map(tmp_path: Path, capsys) -> None:
+    """A real JPEG2000 DICOM series in, NIfTI out on the series' grid, scored against dcm2niix's labels."""
+    out = tmp_path / "dicom_liver.nii.gz"
+    series = DATA / "example_ct_dicom"
+    code = main(
+        ["segment", str(series), "--box", "107", "199", "278", "374", "--slice", "16", "--label", str(LIVER),
+         "-o", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    written, source = read_volume(out), read_volume(series)
+    assert written.shape == source.shape == (512, 512, 20)
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+    report = tmp_path / "r.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                str(DATA / "example_seg_dicom.nii.gz"),
+                "--labels",
+                "5",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    import json
+
+    dice = json.loads(report.read_text())[0]["dice"]
+    print(f"DICOM liver Dice: {dice:.4f}")
+    assert dice >= 0.9
