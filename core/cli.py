@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_argument("--channel", type=int, help="channel of a 4D volume to use")
     vol.add_argument("--label", type=int, action="append", help="label value per --box (default 1, 2, ...)")
     vol.add_argument(
+        "--name", action="append", help="segment name per --box, stored in .seg.nrrd (default object_<label>)"
+    )
+    vol.add_argument(
         "--batch-size", type=int, help="slices embedded per encoder call (default: 2 on CPU, 8 on CUDA)"
     )
     vol.add_argument("--no-progress", action="store_true")

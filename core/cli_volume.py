@@ -120,6 +120,10 @@ def segment_volume(args: argparse.Namespace) -> int:
     if not args.box and not args.points:
         raise InputError("give a prompt: --box X0 Y0 X1 Y1 and/or --point X Y on --slice K (or a 3D --roi)")
     index, prompts = _prompts(args, volume, args.axis)
+    given = list(args.name or [])
+    if given and len(given) != len(prompts):
+        raise InputError(f"give one --name per object ({len(prompts)}), got {len(given)}")
+    names = {p.label: (given[n] if given else f"object_{p.label}") for n, p in enumerate(prompts)}
     preset = None if args.window else (args.preset or guess_preset(volume))
     image = apply_intensity(volume.array, preset=preset, window=tuple(args.window) if args.window else None)
     if args.batch_size is not None and args.batch_size < 1:
@@ -135,7 +139,6 @@ def segment_volume(args: argparse.Namespace) -> int:
         masks = [(p.label, segmenter.segment(p, roi)) for p in prompts]
     seconds = time.perf_counter() - start
     labelmap = combine_labels(masks, volume.shape)
-    names = {p.label: f"object_{p.label}" for p in prompts}
     write_volume(output, labelmap, volume, labels=names)
     if args.overlay:
         plane = slice_image(image, args.axis, index)

@@ -216,3 +216,16 @@ def test_dicom_series_segments_and_evaluates_against_its_nifti_label_map(tmp_pat
     dice = json.loads(report.read_text())[0]["dice"]
     print(f"DICOM liver Dice: {dice:.4f}")
     assert dice >= 0.9
+
+
+def test_named_segments_in_seg_nrrd(tmp_path: Path, capsys) -> None:
+    volume = np.zeros((24, 24, 5), np.float32)
+    volume[6:18, 6:18, :] = 200.0
+    source = _write(tmp_path, "ct.nii.gz", volume)
+    out = tmp_path / "seg.seg.nrrd"
+    args = ["segment", str(source), "--box", "5", "5", "18", "18", "--slice", "2", "--window", "100", "400"]
+    assert main([*args, "--label", "5", "--name", "liver", "-o", str(out), "--no-progress"]) == 0
+    assert read_volume(out).meta["labels"] == {5: "liver"}
+    bad = tmp_path / "bad.seg.nrrd"
+    assert main([*args, "--name", "a", "--name", "b", "-o", str(bad), "--no-progress"]) == 1
+    assert "one --name per object" in capsys.readouterr().err and not bad.exists()
