@@ -7,6 +7,7 @@ to a temporary file and renamed, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -138,18 +139,18 @@ def _segment_2d(args: argparse.Namespace) -> int:
         raise InputError("give a prompt: --box X0 Y0 X1 Y1 and/or --point X Y")
     image = images.read_image(args.input)
     output = Path(args.output)
-    images._check_suffix(output, images.MASK_SUFFIXES, "mask output")
+    images.check_suffix(output, images.MASK_SUFFIXES, "mask output")
     if args.overlay:
-        images._check_suffix(Path(args.overlay), (".png", ".jpg", ".jpeg", ".tif", ".tiff"), "overlay output")
+        images.check_suffix(Path(args.overlay), images.OVERLAY_SUFFIXES, "overlay output")
     predictor, described = load_predictor(args)
     points = args.points or []
     coords = np.array([[x, y] for x, y, _ in points]) if points else None
     labels = np.array([lab for _, _, lab in points]) if points else None
     height, width = image.shape[:2]
     if args.box:
-        predictor._boxes(np.array(args.box), (height, width))  # validate before the slow encoder
+        predictor.check_boxes(np.array(args.box), (height, width))  # validate before the slow encoder
     if coords is not None:
-        predictor._check_inside(coords, (height, width), "point")
+        predictor.check_points(coords, (height, width))
     predictor.set_image(image)
     result = predictor.predict(
         point_coords=coords, point_labels=labels, boxes=args.box, multimask_output=args.multimask
@@ -212,7 +213,6 @@ def _info(args: argparse.Namespace) -> int:
     from samadapt.weights import (
         DEFAULT_PACKAGE,
         ENV_VAR,
-        default_checkpoint_path,
         verified_default_checkpoint,
     )
 
@@ -227,8 +227,6 @@ def _info(args: argparse.Namespace) -> int:
         )
     except SamadaptError as exc:
         print(f"default checkpoint: unavailable ({exc})")
-        _ = default_checkpoint_path
-    import os
 
     if os.environ.get(ENV_VAR):
         print(f"${ENV_VAR} overrides it: {os.environ[ENV_VAR]}")

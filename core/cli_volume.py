@@ -97,6 +97,7 @@ def segment_volume(args: argparse.Namespace) -> int:
     from samadapt.domains.medical import apply_intensity, guess_preset, read_volume, require_3d, write_volume
     from samadapt.domains.medical.io import WRITE_SUFFIXES
     from samadapt.domains.medical.propagation import (
+        AXES,
         Roi,
         VolumeSegmenter,
         combine_labels,
@@ -111,6 +112,8 @@ def segment_volume(args: argparse.Namespace) -> int:
         raise InputError(f"output folder does not exist: {output.parent}")
     if args.preset and args.window:
         raise InputError("give either --preset or --window, not both")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
     volume = require_3d(read_volume(args.input, channel=args.channel))
     roi = Roi.from_values(args.roi, volume.shape) if args.roi else None
     if roi is not None and args.slice is None and not args.box and not args.points:
@@ -126,8 +129,6 @@ def segment_volume(args: argparse.Namespace) -> int:
     names = {p.label: (given[n] if given else f"object_{p.label}") for n, p in enumerate(prompts)}
     preset = None if args.window else (args.preset or guess_preset(volume))
     image = apply_intensity(volume.array, preset=preset, window=tuple(args.window) if args.window else None)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
     predictor, described = load_predictor(args)
     total = slice_count(volume.shape, args.axis)
     start = time.perf_counter()
@@ -142,14 +143,15 @@ def segment_volume(args: argparse.Namespace) -> int:
     write_volume(output, labelmap, volume, labels=names)
     if args.overlay:
         plane = slice_image(image, args.axis, index)
-        shown = [slice_image(labelmap == p.label, args.axis, index) for p in prompts]
+        plane_labels = slice_image(labelmap, args.axis, index)
+        shown = [plane_labels == p.label for p in prompts]
         boxes = [p.box for p in prompts if p.box is not None]
         pts = [(x, y, lab == 1) for x, y, lab in prompts[0].points]
         images.write_overlay(
             args.overlay, images.overlay((plane * 255).astype(np.uint8), shown, boxes, pts, min_size=512)
         )
     for value, mask in masks:
-        axis_index = {"sagittal": (1, 2), "coronal": (0, 2), "axial": (0, 1)}[args.axis]
+        axis_index = tuple(a for a in range(3) if a != AXES[args.axis])  # the in-plane axes
         reached = np.flatnonzero(mask.any(axis=axis_index))
         span = f"slices {reached[0]}..{reached[-1]}" if reached.size else "empty"
         print(f"label {value}: {int(mask.sum())} voxels, {span}")

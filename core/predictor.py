@@ -114,7 +114,8 @@ class Predictor:
         return self._current
 
     # ------------------------------------------------------------------ prompting
-    def _check_inside(self, coords: np.ndarray, size: tuple[int, int], what: str) -> None:
+    def check_points(self, coords: np.ndarray, size: tuple[int, int], what: str = "point") -> None:
+        """Refuse (..., 2) x/y coordinates outside an (H, W) image."""
         height, width = size
         if not np.isfinite(coords).all():
             raise InputError(f"{what} has non-finite coordinates")
@@ -122,7 +123,8 @@ class Predictor:
         if xs.min() < 0 or ys.min() < 0 or xs.max() > width or ys.max() > height:
             raise InputError(f"{what} lies outside the {width}x{height} image")
 
-    def _boxes(self, boxes: np.ndarray | Sequence[float], size: tuple[int, int]) -> np.ndarray:
+    def check_boxes(self, boxes: np.ndarray | Sequence[float], size: tuple[int, int]) -> np.ndarray:
+        """Validate (4,) or (B, 4) x0 y0 x1 y1 boxes against an (H, W) image; returns them as (B, 4)."""
         array = np.asarray(boxes, dtype=np.float64)
         if array.ndim == 1:
             array = array[None]
@@ -130,7 +132,7 @@ class Predictor:
             raise InputError(f"boxes must be (4,) or (B, 4) as x0 y0 x1 y1, got shape {array.shape}")
         if ((array[:, 2] <= array[:, 0]) | (array[:, 3] <= array[:, 1])).any():
             raise InputError("box is reversed or empty: need x0 < x1 and y0 < y1")
-        self._check_inside(array.reshape(-1, 2, 2), size, "box")
+        self.check_points(array.reshape(-1, 2, 2), size, "box")
         return array
 
     def predict(
@@ -166,7 +168,7 @@ class Predictor:
             if labels.size != coords.shape[0] * coords.shape[1]:
                 raise InputError("point_labels must give one label per point")
             labels = labels.reshape(coords.shape[:2])
-            self._check_inside(coords, size, "point")
+            self.check_points(coords, size, "point")
             points_t = (
                 torch.as_tensor(
                     profile.coords_to_input(coords, size), dtype=torch.float32, device=self.device
@@ -175,7 +177,7 @@ class Predictor:
             )
         boxes_t = None
         if boxes is not None:
-            box_array = self._boxes(boxes, size)
+            box_array = self.check_boxes(boxes, size)
             scaled = profile.boxes_to_input(box_array, size)
             boxes_t = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
         if points_t is not None and boxes_t is not None and points_t[0].shape[0] != boxes_t.shape[0]:

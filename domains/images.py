@@ -13,6 +13,7 @@ from samadapt.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 OVERLAY_COLORS = ((255, 64, 64), (64, 200, 255), (255, 200, 0), (120, 255, 120), (200, 120, 255))
 
 
@@ -60,7 +61,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         tmp.unlink(missing_ok=True)
 
 
-def _check_suffix(path: Path, allowed: Sequence[str], what: str) -> None:
+def check_suffix(path: Path, allowed: Sequence[str], what: str) -> None:
+    """Refuse an output path whose extension is not one of ``allowed`` (before any slow work)."""
     if path.suffix.lower() not in allowed:
         raise InputError(f"{what} must end in one of {', '.join(allowed)}: {path.name}")
 
@@ -70,7 +72,7 @@ def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> None:
     from PIL import Image
 
     path = Path(path)
-    _check_suffix(path, MASK_SUFFIXES, "mask output")
+    check_suffix(path, MASK_SUFFIXES, "mask output")
     array = np.asarray(mask)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
@@ -143,7 +145,7 @@ def write_overlay(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     from PIL import Image
 
     path = Path(path)
-    _check_suffix(path, (".png", ".jpg", ".jpeg", ".tif", ".tiff"), "overlay output")
+    check_suffix(path, OVERLAY_SUFFIXES, "overlay output")
     atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=_pil_format(path)))
 
 
