@@ -8,9 +8,9 @@ checkpoint loader, the predictor and the CLI. It imports neither ``samadapt.adap
 if __name__ != "samadapt":
     raise ImportError("import samadapt (after `pip install -e .`), not the repo folder `core`")
 
-from samadapt.builders import VARIANTS, build
+from samadapt.builders import VARIANTS, Variant, build, register_variant, variants
 from samadapt.checkpoint import load_model, save_model
-from samadapt.errors import CheckpointError, InputError, SamadaptError
+from samadapt.errors import CheckpointError, InputError, SamadaptError, UnknownVariantError
 from samadapt.modeling import SamModel
 from samadapt.predictor import ImageEmbedding, Prediction, Predictor
 from samadapt.preprocess import PROFILES, PreprocessProfile
@@ -29,9 +29,13 @@ __all__ = [
     "PreprocessProfile",
     "SamModel",
     "SamadaptError",
+    "UnknownVariantError",
+    "Variant",
     "__version__",
     "build",
     "load_model",
+    "register_variant",
     "resolve_checkpoint",
     "save_model",
+    "variants",
 ]

@@ -1,16 +1,20 @@
 """One builder per variant; the numbers live here and nowhere else.
 
-``VARIANTS`` maps a variant name to its builder and preprocessing profile. ``sam_vit_b`` and ``medsam``
-share an architecture (and so a checkpoint signature) but not a profile.
+The variant registry maps a name to its builder and a one-line description: :func:`register_variant`
+adds one (a plugin's own architecture, say), :func:`variants` (and the ``VARIANTS`` alias) is a
+read-only view of it. ``sam_vit_b`` and ``medsam`` share an architecture (and so a checkpoint
+signature) but not a profile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from torch import nn
 
+from samadapt.errors import UnknownVariantError
 from samadapt.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -125,30 +129,84 @@ def build_tiny() -> SamModel:
 
 @dataclass(frozen=True)
 class Variant:
-    """A registry entry: builder, profile, and a line for ``samadapt info``."""
+    """A registry entry: the builder (random weights) and a line for ``samadapt info``."""
 
     name: str
     builder: Callable[[], SamModel]
     description: str
 
 
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        Variant("lite_medsam", build_lite_medsam, "LiteMedSAM: TinyViT at 256, min-max [0,1], pad (default)"),
-        Variant("medsam", build_medsam, "MedSAM: ViT-B at 1024, min-max [0,1], no mean/std"),
-        Variant("sam_vit_b", build_sam_vit_b, "SAM ViT-B at 1024, ImageNet mean/std"),
-        Variant("sam_vit_l", build_sam_vit_l, "SAM ViT-L at 1024, ImageNet mean/std"),
-        Variant("sam_vit_h", build_sam_vit_h, "SAM ViT-H at 1024, ImageNet mean/std"),
-        Variant("mobile_sam", build_mobile_sam, "MobileSAM: TinyViT at 1024, ImageNet mean/std"),
-        Variant("tiny", build_tiny, "tiny random-weight core for tests"),
-    )
-}
+_registry: dict[str, Variant] = {}
+
+#: Read-only view of the registry (the same object :func:`variants` returns); kept for compatibility.
+VARIANTS: Mapping[str, Variant] = MappingProxyType(_registry)
+
+
+def register_variant(
+    name: str, builder: Callable[[], SamModel], description: str, *, replace: bool = False
+) -> Variant:
+    """Make ``build(name)`` and checkpoint detection know a variant.
+
+    Args:
+        name: the variant's name (``--variant NAME``); a model built by ``builder`` should carry it
+            as ``model.variant``.
+        builder: returns the model with random weights; called under ``torch.device("meta")`` to
+            learn the checkpoint signature, so it must not read weights from disk.
+        description: one line for ``samadapt info``.
+        replace: allow replacing an existing entry of the same name.
+
+    Returns:
+        The registered entry.
+
+    Raises:
+        ValueError: ``name`` is already registered and ``replace`` is False, or ``name`` is empty.
+        TypeError: ``builder`` is not callable.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a variant name must be a non-empty string, got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"the builder of variant {name!r} must be callable, got {type(builder).__name__}")
+    if name in _registry and not replace:
+        raise ValueError(f"variant {name!r} is already registered; pass replace=True to replace it")
+    entry = Variant(name, builder, description)
+    _registry[name] = entry
+    return entry
+
+
+def variants() -> Mapping[str, Variant]:
+    """The registered variants by name, in registration order (a read-only view that stays current)."""
+    return VARIANTS
+
+
+def get_variant(name: str) -> Variant:
+    """The registry entry of ``name``.
+
+    Raises:
+        UnknownVariantError: no variant of that name is registered.
+    """
+    try:
+        return _registry[name]
+    except (KeyError, TypeError):
+        raise UnknownVariantError(f"unknown variant {name!r}; choose from {', '.join(_registry)}") from None
 
 
 def build(variant: str) -> SamModel:
-    """Build a variant with random weights."""
-    try:
-        return VARIANTS[variant].builder()
-    except KeyError:
-        raise KeyError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}") from None
+    """Build a registered variant with random weights.
+
+    Raises:
+        UnknownVariantError: ``variant`` is not registered.
+    """
+    return get_variant(variant).builder()
+
+
+for _name, _builder, _description in (
+    ("lite_medsam", build_lite_medsam, "LiteMedSAM: TinyViT at 256, min-max [0,1], pad (default)"),
+    ("medsam", build_medsam, "MedSAM: ViT-B at 1024, min-max [0,1], no mean/std"),
+    ("sam_vit_b", build_sam_vit_b, "SAM ViT-B at 1024, ImageNet mean/std"),
+    ("sam_vit_l", build_sam_vit_l, "SAM ViT-L at 1024, ImageNet mean/std"),
+    ("sam_vit_h", build_sam_vit_h, "SAM ViT-H at 1024, ImageNet mean/std"),
+    ("mobile_sam", build_mobile_sam, "MobileSAM: TinyViT at 1024, ImageNet mean/std"),
+    ("tiny", build_tiny, "tiny random-weight core for tests"),
+):
+    register_variant(_name, _builder, _description)
+del _name, _builder, _description

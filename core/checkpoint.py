@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from samadapt.builders import VARIANTS, build
+from samadapt.builders import Variant, get_variant, variants
 from samadapt.errors import CheckpointError
 from samadapt.modeling import SamModel
 from samadapt.preprocess import PreprocessProfile
@@ -95,16 +95,21 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, t
 
 
 @cache
-def _signature(variant: str) -> frozenset[tuple[str, tuple[int, ...]]]:
+def _signature(entry: Variant) -> frozenset[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of a registry entry's model (built on the meta device: no memory).
+
+    Keyed by the entry itself, not its name: a variant registered again with ``replace=True`` is a
+    new entry and gets its own signature.
+    """
     with torch.device("meta"):
-        model = build(variant)
+        model = entry.builder()
     return frozenset((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def matching_variants(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Variants whose parameter names and shapes equal the state dict's (several for ViT-B)."""
+    """Registered variants whose parameter names and shapes equal the state dict's (several for ViT-B)."""
     signature = frozenset((k, tuple(v.shape)) for k, v in state.items())
-    return [name for name in VARIANTS if _signature(name) == signature]
+    return [name for name, entry in variants().items() if _signature(entry) == signature]
 
 
 def describe_architecture(state: Mapping[str, torch.Tensor]) -> str:
@@ -130,13 +135,14 @@ def load_model(path: str | Path, variant: str | None = None) -> SamModel:
 
     Raises:
         CheckpointError: missing, corrupt, not a state dict, or not the requested variant.
+        UnknownVariantError: ``variant`` is not registered.
     """
     path = Path(path)
+    if variant is not None:
+        get_variant(variant)  # an unknown name fails before the file is read
     state, metadata = unwrap_state_dict(_read(path), source=path.name)
     candidates = matching_variants(state)
     meta_variant = metadata.get("variant")
-    if variant is not None and variant not in VARIANTS:
-        raise CheckpointError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if not candidates:
         raise CheckpointError(
             f"{path.name} does not match any known variant (it looks like {describe_architecture(state)})"
@@ -147,13 +153,13 @@ def load_model(path: str | Path, variant: str | None = None) -> SamModel:
         elif "medsam" in candidates and "medsam" in path.name.lower():
             variant = "medsam"
         else:
-            variant = candidates[0] if candidates != ["medsam", "sam_vit_b"] else "sam_vit_b"
+            variant = "sam_vit_b" if "sam_vit_b" in candidates else candidates[0]  # first registered
     elif variant not in candidates:
         raise CheckpointError(
             f"{path.name} is a {describe_architecture(state)} checkpoint, not {variant} "
             f"(matches: {', '.join(candidates)})"
         )
-    model = build(variant)
+    model = get_variant(variant).builder()
     model.load_state_dict(state, strict=True)
     if isinstance(metadata.get("profile"), Mapping):
         model.profile = PreprocessProfile.from_dict(dict(metadata["profile"]))

@@ -13,5 +13,9 @@ class CheckpointError(SamadaptError):
     """A checkpoint that is missing, corrupt, not a state dict, or of another variant."""
 
 
+class UnknownVariantError(SamadaptError):
+    """A model variant name that is not registered (see ``samadapt.variants()``)."""
+
+
 class MissingDependencyError(SamadaptError):
     """An optional dependency is not installed; the message carries the install hint."""

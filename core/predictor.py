@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from samadapt.errors import InputError
-from samadapt.modeling import SamModel
+from samadapt.modeling import EncoderOutput, PromptBatch, SamModel
 from samadapt.precision import autocast, resolve_precision
 from samadapt.preprocess import postprocess_logits, preprocess
 
@@ -23,11 +24,19 @@ class ImageEmbedding:
         embedding: (1, 256, 64, 64) float32 on the predictor's device.
         original_size: (H, W) of the input image.
         resized_size: (h, w) of the image inside the padded encoder frame.
+        features: the encoder features the model's adapters asked for (``model.feature_indexes``),
+            each with a leading batch dimension of 1.
+        image: the (1, 3, S, S) preprocessed input when the model keeps it (``model.keep_image``).
     """
 
     embedding: torch.Tensor
     original_size: tuple[int, int]
     resized_size: tuple[int, int]
+    features: list[torch.Tensor] = field(default_factory=list)
+    image: torch.Tensor | None = None
+
+    def encoder_output(self) -> EncoderOutput:
+        return EncoderOutput(self.embedding, self.features, self.image)
 
 
 @dataclass
@@ -55,7 +64,8 @@ class Predictor:
     """Embed once, prompt many times.
 
     Args:
-        model: a loaded :class:`SamModel` (put in eval mode here).
+        model: a loaded :class:`SamModel`, with any adapter attached. It is moved to ``device`` (with
+            channels-last weights); every call runs it in eval mode and restores its training flag.
         device: ``cpu``, ``cuda``, ``auto`` or a torch device.
         precision: ``auto`` (bf16 on CPUs with bf16 support, fp16/bf16 on CUDA, else fp32), ``bf16``,
             ``fp16`` (CUDA) or ``fp32``. The encoder runs at this precision; the light decoder in fp32.
@@ -64,7 +74,7 @@ class Predictor:
     def __init__(self, model: SamModel, device: str | torch.device | None = "cpu", precision: str = "auto"):
         self.device = pick_device(device)
         # channels-last convolutions are ~25% faster on CPU (oneDNN) and on CUDA tensor cores
-        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.precision = resolve_precision(precision, self.device)
         self._current: ImageEmbedding | None = None
         self.last_encode_seconds = 0.0
@@ -73,17 +83,33 @@ class Predictor:
     def profile(self):
         return self.model.profile
 
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode and no autograd for one call; the caller's training flag comes back after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)
+
     # ------------------------------------------------------------------ embedding
-    def encode_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        """Preprocessed (B, 3, S, S) images -> (B, 256, 64, 64) float32 embeddings.
+    def encode_batch(self, batch: torch.Tensor) -> EncoderOutput:
+        """Preprocessed (B, 3, S, S) images -> float32 embeddings (B, 256, 64, 64) and features.
 
         Runs the encoder as every predictor call does: inference mode, channels-last memory and the
-        resolved precision (bf16/fp16 autocast, or fp32).
+        resolved precision (bf16/fp16 autocast, or fp32). Keeps the features the model's adapters
+        asked for.
         """
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(self.precision, self.device):
-            embeddings = self.model.encode(batch).embedding
-        return embeddings.float()
+        with self._evaluating(), autocast(self.precision, self.device):
+            encoded = self.model.encode(batch)
+        return EncoderOutput(
+            encoded.embedding.float(),
+            [f.float() for f in encoded.features],
+            encoded.image.float() if encoded.image is not None else None,
+        )
 
     def embed(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageEmbedding]:
         """Embed several images (e.g. the slices of a volume), ``batch_size`` at a time."""
@@ -96,9 +122,10 @@ class Predictor:
                 tensor, resized = preprocess(image, self.profile)
                 tensors.append(tensor)
                 sizes.append(((int(np.shape(image)[0]), int(np.shape(image)[1])), resized))
-            embeddings = self.encode_batch(torch.cat(tensors))
+            encoded = self.encode_batch(torch.cat(tensors))
             for i, (original, resized) in enumerate(sizes):
-                results.append(ImageEmbedding(embeddings[i : i + 1].clone(), original, resized))
+                row = encoded.select(torch.tensor([i], device=encoded.embedding.device))
+                results.append(ImageEmbedding(row.embedding, original, resized, row.features, row.image))
         self.last_encode_seconds = time.perf_counter() - start
         return results
 
@@ -192,13 +219,17 @@ class Predictor:
             mask_t = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device)
             if mask_t.ndim == 3:
                 mask_t = mask_t[:, None]
-        with torch.inference_mode():
-            logits, iou = self.model.decode(
-                emb.embedding,
-                points=points_t,
-                boxes=boxes_t,
-                mask_input=mask_t,
-                multimask_output=multimask_output,
+        prompts = PromptBatch(
+            points=points_t[0] if points_t is not None else None,
+            point_labels=points_t[1] if points_t is not None else None,
+            boxes=boxes_t,
+            masks=mask_t,
+        )
+        if prompts.is_empty and self.model.prompt_generator is None:
+            raise InputError("give a prompt: points, boxes or a mask (this model has no prompt generator)")
+        with self._evaluating():
+            logits, iou = self.model.decode_prompts(
+                emb.encoder_output(), prompts, multimask_output=multimask_output
             )
             full = postprocess_logits(logits, profile, emb.resized_size, size)
         return Prediction(

@@ -188,6 +188,31 @@ def preprocess(image: np.ndarray, profile: PreprocessProfile) -> tuple[torch.Ten
     return tensor.contiguous(), new_size
 
 
+def preprocess_mask(mask: np.ndarray, profile: PreprocessProfile) -> torch.Tensor:
+    """A mask -> the encoder frame of :func:`preprocess`, pixel for pixel with the image.
+
+    Nearest-neighbour resize (pixel centres, ``nearest-exact``) to ``profile.resized_size``, then zero
+    padding at the bottom/right exactly as the image is padded (a stretch to S x S when the profile
+    does not keep the aspect ratio).
+
+    Args:
+        mask: (H, W) bool or numeric; any nonzero pixel is foreground.
+        profile: the checkpoint's preprocessing profile.
+
+    Returns:
+        (1, 1, S, S) float32 tensor with values in {0, 1}.
+    """
+    array = np.asarray(mask)
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise InputError(f"expected a 2D (H, W) mask, got an array of shape {tuple(array.shape)}")
+    new_size = profile.resized_size((array.shape[0], array.shape[1]))
+    tensor = torch.from_numpy(np.ascontiguousarray(array != 0, dtype=np.float32))[None, None]  # (1, 1, H, W)
+    if tuple(tensor.shape[-2:]) != new_size:
+        tensor = F.interpolate(tensor, size=new_size, mode="nearest-exact")
+    pad_h, pad_w = profile.input_size - new_size[0], profile.input_size - new_size[1]
+    return F.pad(tensor, (0, pad_w, 0, pad_h)).contiguous()
+
+
 def postprocess_logits(
     low_res_logits: torch.Tensor,
     profile: PreprocessProfile,

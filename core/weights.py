@@ -68,6 +68,34 @@ def verified_default_checkpoint() -> Path:
     return path
 
 
+_digests: dict[tuple[Path, int, int], str] = {}
+
+
+def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a checkpoint file, e.g. to tie an adapter to the base weights it was trained on.
+
+    The verified default checkpoint returns :data:`LITEMEDSAM_SHA256` without hashing again; any other
+    file is hashed once per (path, size, modification time) in this process.
+
+    Raises:
+        CheckpointError: the file does not exist or cannot be read.
+    """
+    path = Path(path)
+    try:
+        resolved = path.resolve()
+        if any(resolved == verified.resolve() for verified in _verified):
+            return LITEMEDSAM_SHA256
+        stat = resolved.stat()
+        key = (resolved, stat.st_size, stat.st_mtime_ns)
+        if key not in _digests:
+            _digests[key] = sha256_of(resolved)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    return _digests[key]
+
+
 def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None = None) -> CheckpointSource:
     """``--checkpoint`` if given, else ``$SAMADAPT_CHECKPOINT``, else the bundled LiteMedSAM."""
     if checkpoint:

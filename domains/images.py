@@ -155,3 +155,46 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     if array.ndim == 3:
         array = array[:, :, 0]
     return array > 0
+
+
+def read_label_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a 2D mask or label map as (H, W) integers: 0 = background, every other value one object.
+
+    Gray and 16-bit images keep their values (a binary 0/255 mask is one object, value 255); palette
+    PNGs give their palette indices; colour masks (RGB/RGBA with differing channels) give one value per
+    distinct non-black colour, numbered 1, 2, ... in sorted colour order.
+
+    Raises:
+        InputError: missing, unreadable or not a 2D image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            array = np.array(opened)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"cannot read mask {path.name}: {exc}") from None
+    if array.ndim == 3:
+        array = array[:, :, :3] if array.shape[2] >= 3 else array[:, :, :1]  # alpha dropped
+        if np.all(array == array[:, :, :1]):
+            array = array[:, :, 0]
+        else:
+            colors, inverse = np.unique(array.reshape(-1, 3), axis=0, return_inverse=True)
+            offset = 0 if not colors[0].any() else 1  # black, if present, sorts first and stays 0
+            array = (np.arange(len(colors)) + offset)[inverse.reshape(-1)].reshape(array.shape[:2])
+    if array.ndim != 2 or array.size == 0:
+        raise InputError(f"{path.name} is not a 2D mask (array shape {array.shape})")
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise InputError(f"mask {path.name} has non-integer values; expected a binary mask or label map")
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu" or array.min(initial=0) < 0:
+        raise InputError(f"mask {path.name} has negative or non-integer values; expected a label map")
+    top = int(array.max(initial=0))
+    return array.astype(np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.int64)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,12 +28,62 @@ class LayerNorm2d(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
-FUSED_CPU_KERNELS = True  # tests switch this off to check the fused paths against the plain ones
+_fused_kernels_enabled = True
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Turn oneDNN's fused CPU inference kernels on or off for the whole process (on by default).
+
+    Off, every layer runs its plain PyTorch op: useful to compare results or to rule the fusion out
+    when debugging. See :func:`fused_kernels` for a scoped switch.
+    """
+    global _fused_kernels_enabled
+    _fused_kernels_enabled = bool(enabled)
+
+
+@contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, fused CPU kernels are ``enabled``; the previous setting is restored after.
+
+    Example:
+        >>> with fused_kernels(False):
+        ...     plain = model.image_encoder(x)
+    """
+    previous = _fused_kernels_enabled
+    set_fused_kernels(enabled)
+    try:
+        yield
+    finally:
+        set_fused_kernels(previous)
+
+
+def _capturing_graph() -> bool:
+    """True while TorchScript, torch.compile or an ONNX export records the model: they need plain ops."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return True
+    onnx = sys.modules.get("torch.onnx")  # an export in progress has imported it; never import it here
+    check = getattr(onnx, "is_in_onnx_export", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # a torch without the legacy exporter's flag
+        return False
 
 
 def use_fused_cpu_kernels(x: torch.Tensor) -> bool:
-    """Use oneDNN's fused kernels: inference (no autograd) on the CPU, when this PyTorch build has them."""
-    return FUSED_CPU_KERNELS and x.device.type == "cpu" and not torch.is_grad_enabled()
+    """Whether to run oneDNN's fused kernels for ``x``.
+
+    True only when the switch (:func:`set_fused_kernels`) is on, ``torch.backends.mkldnn.enabled``
+    is True (``torch.backends.mkldnn.flags(enabled=False)`` turns fusion off), ``x`` is on the CPU,
+    autograd is off (``torch.no_grad``/``torch.inference_mode``), and no tracer, scripter, compiler
+    or ONNX exporter is recording the model. Callers still check that the op exists in this build.
+    """
+    return (
+        _fused_kernels_enabled
+        and bool(torch.backends.mkldnn.enabled)  # a bool at run time; typed as torch's ContextProp
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not _capturing_graph()
+    )
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from samadapt.modeling.common import MLPBlock, linear, sam_neck
@@ -78,7 +79,14 @@ def decomposed_rel_pos_bias(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a (B, H, W, D) grid with optional relative positions."""
+    """Multi-head self-attention over a (B, H, W, D) grid, global or inside windows.
+
+    Every block calls ``attn(x)`` with the same signature; windowing (``window_size > 0``) happens in
+    here, so an adapter can wrap or replace the whole attention without knowing about windows.
+
+    The fused ``qkv`` projection is laid out ``[q | k | v]``: output row ``part * D + head * hd + j``
+    (``part`` 0, 1, 2 for q, k, v) feeds channel ``j`` of ``head``; see :meth:`qkv_rows`.
+    """
 
     def __init__(
         self,
@@ -87,10 +95,12 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         use_rel_pos: bool = True,
         input_size: tuple[int, int] | None = None,
+        window_size: int = 0,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.window_size = window_size
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
@@ -100,11 +110,19 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
 
+    def qkv_rows(self, part: str) -> torch.Tensor:
+        """Output rows of ``qkv`` that compute ``part`` (``q``, ``k`` or ``v``): a contiguous third."""
+        dim = self.num_heads * self.head_dim
+        start = "qkv".index(part) * dim
+        return torch.arange(start, start + dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, D) -> (B, H, W, D)."""
+        """x: (B, H, W, D) -> (B, H, W, D); windowed when ``window_size > 0``."""
+        if self.window_size > 0:
+            return self._forward_windowed(x, self.window_size)
         return linear(self.proj, self.attend(linear(self.qkv, x)))
 
-    def forward_windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
+    def _forward_windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
         """Attention inside ``window`` x ``window`` windows: (B, H, W, D) -> (B, H, W, D).
 
         Same result as zero-padding ``x`` to whole windows and attending per window, but the qkv and
@@ -181,17 +199,22 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         attn_size = (window_size, window_size) if window_size > 0 else input_size
-        self.attn = Attention(dim, num_heads, use_rel_pos=use_rel_pos, input_size=attn_size)
+        self.dim = dim
+        # typed as modules: adapters may replace either with a module of the same call signature
+        self.attn: nn.Module = Attention(
+            dim, num_heads, use_rel_pos=use_rel_pos, input_size=attn_size, window_size=window_size
+        )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
-        self.window_size = window_size
+        self.mlp: nn.Module = MLPBlock(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, D) -> (B, H, W, D)."""
-        shortcut = x
-        x = self.norm1(x)
-        x = self.attn.forward_windowed(x, self.window_size) if self.window_size > 0 else self.attn(x)
-        x = shortcut + x
+        """x: (B, H, W, D) -> (B, H, W, D).
+
+        Extension points: ``attn`` and ``mlp`` are each called once with one tensor, so an adapter
+        may replace either with a module of the same signature (a bottleneck after attention, a
+        parallel branch beside the MLP).
+        """
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -239,6 +262,20 @@ class ImageEncoderViT(nn.Module):
             for i in range(depth)
         )
         self.neck = sam_neck(embed_dim, out_chans)
+        self.activation_checkpointing = False  # recompute blocks in backward to save memory (training)
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The absolute position embedding for a (h, w) token grid: (1, h, w, D).
+
+        Bicubically interpolated when the input size differs from the checkpoint's (e.g. ViT-B at
+        512 as in SAMed: 64x64 -> 32x32). Relative positions are resampled in the attention.
+        """
+        if tuple(self.pos_embed.shape[1:3]) == grid:
+            return self.pos_embed
+        resized = F.interpolate(
+            self.pos_embed.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False
+        )  # (1, D, h, w)
+        return resized.permute(0, 2, 3, 1)
 
     def forward_with_features(
         self, x: torch.Tensor, feature_indexes: Sequence[int] = ()
@@ -246,16 +283,21 @@ class ImageEncoderViT(nn.Module):
         """Run the encoder and keep the outputs of the requested blocks.
 
         Args:
-            x: (B, 3, S, S) preprocessed image.
+            x: (B, 3, S, S) preprocessed image; S need not be the checkpoint's size (multiple of 16).
             feature_indexes: block indexes whose outputs to return, each (B, S/16, S/16, D).
 
         Returns:
             (embedding (B, out_chans, S/16, S/16), [features in the order requested]).
         """
-        x = self.patch_embed(x) + self.pos_embed  # (B, S/16, S/16, D)
+        x = self.patch_embed(x)  # (B, S/16, S/16, D)
+        x = x + self.position_embedding((x.shape[1], x.shape[2]))
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         kept: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             if i in feature_indexes:
                 kept[i] = x
         embedding = self.neck(x.permute(0, 3, 1, 2))

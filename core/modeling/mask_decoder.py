@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -56,6 +58,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        features: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode masks.
 
@@ -64,6 +67,8 @@ class MaskDecoder(nn.Module):
             image_pe: (1, C, H, W).
             sparse_prompt_embeddings: (B, N, C). dense_prompt_embeddings: (B, C, H, W).
             multimask_output: return the 3 multimask outputs instead of the single-mask one.
+            features: intermediate encoder features; SAM's decoder does not use them (the argument
+                is part of the decoder call signature so replacements such as DeSAM's can).
 
         Returns:
             (low-res mask logits (B, K, 4H, 4W), IoU predictions (B, K)); K = 3 or 1.

@@ -13,6 +13,7 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from samadapt.modeling.common import compute_dtype, linear, sam_neck, use_fused_cpu_kernels
@@ -172,12 +173,30 @@ class ConvLayer(nn.Module):
 
 
 class TinyAttention(nn.Module):
-    """Window attention with a learned per-offset bias table (LeViT style). (B, N, C) -> (B, N, C)."""
+    """Window attention with a learned per-offset bias table (LeViT style). (B, N, C) -> (B, N, C).
+
+    Blocks call ``attn(x)`` on the whole (B, H*W, C) token grid; the split into ``window_size``
+    windows happens in here, so an adapter can wrap the attention without knowing about windows.
+    The attention normalises its own input (``norm``), as in TinyViT.
+
+    The fused ``qkv`` projection is laid out per head: output row ``head * (2 kd + vd) + offset``
+    with ``offset`` in ``[0, kd)`` for q, ``[kd, 2 kd)`` for k and ``[2 kd, 2 kd + vd)`` for v; see
+    :meth:`qkv_rows`.
+    """
 
     attention_bias_idxs: torch.Tensor
 
-    def __init__(self, dim: int, key_dim: int, num_heads: int, resolution: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        dim: int,
+        key_dim: int,
+        num_heads: int,
+        resolution: tuple[int, int],
+        input_resolution: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
+        self.window_size = resolution[0]
+        self.input_resolution = input_resolution or resolution
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.value_dim = key_dim  # attn_ratio = 1
@@ -196,7 +215,38 @@ class TinyAttention(nn.Module):
             "attention_bias_idxs", torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)), False
         )
 
+    def qkv_rows(self, part: str) -> torch.Tensor:
+        """Output rows of ``qkv`` that compute ``part`` (``q``, ``k`` or ``v``), interleaved per head."""
+        per_head = 2 * self.key_dim + self.value_dim
+        start, width = {"q": (0, self.key_dim), "k": (self.key_dim, self.key_dim)}.get(
+            part, (2 * self.key_dim, self.value_dim)
+        )
+        offsets = torch.arange(start, start + width)
+        return (torch.arange(self.num_heads)[:, None] * per_head + offsets).flatten()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H*W, C) tokens of the ``input_resolution`` grid -> (B, H*W, C)."""
+        height, width = self.input_resolution
+        win = self.window_size
+        if height == win and width == win:
+            return self.attend(x)
+        batch, tokens, chans = x.shape
+        grid = x.view(batch, height, width, chans)
+        pad_b, pad_r = (win - height % win) % win, (win - width % win) % win
+        if pad_b or pad_r:
+            grid = F.pad(grid, (0, 0, 0, pad_r, 0, pad_b))
+        ph, pw = height + pad_b, width + pad_r
+        nh, nw = ph // win, pw // win
+        # (B, nh, win, nw, win, C) -> (B*nh*nw, win*win, C)
+        windows = grid.view(batch, nh, win, nw, win, chans).transpose(2, 3).reshape(-1, win * win, chans)
+        windows = self.attend(windows)
+        grid = windows.view(batch, nh, nw, win, win, chans).transpose(2, 3).reshape(batch, ph, pw, chans)
+        if pad_b or pad_r:
+            grid = grid[:, :height, :width]
+        return grid.reshape(batch, tokens, chans)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention inside windows: (B * nWin, win * win, C) -> (B * nWin, win * win, C)."""
         batch, tokens, _ = x.shape
         qkv = linear(self.qkv, self.norm(x)).view(batch, tokens, self.num_heads, -1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=3)
@@ -230,31 +280,23 @@ class TinyViTBlock(nn.Module):
         super().__init__()
         self.input_resolution = input_resolution
         self.window_size = window_size
-        self.attn = TinyAttention(dim, dim // num_heads, num_heads, (window_size, window_size))
-        self.mlp = TinyMlp(dim, int(dim * mlp_ratio))
+        self.dim = dim
+        # typed as modules: adapters may replace either with a module of the same call signature
+        self.attn: nn.Module = TinyAttention(
+            dim, dim // num_heads, num_heads, (window_size, window_size), input_resolution=input_resolution
+        )
+        self.mlp: nn.Module = TinyMlp(dim, int(dim * mlp_ratio))
         self.local_conv = Conv2dBN(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H*W, C) -> (B, H*W, C).
+
+        Extension points: ``attn`` and ``mlp`` are each called once with the (B, H*W, C) tokens (both
+        normalise their own input), so an adapter may wrap either with a module of the same signature.
+        """
         height, width = self.input_resolution
         batch, tokens, chans = x.shape
-        win = self.window_size
-        if height == win and width == win:
-            attended = self.attn(x)
-        else:
-            grid = x.view(batch, height, width, chans)
-            pad_b, pad_r = (win - height % win) % win, (win - width % win) % win
-            if pad_b or pad_r:
-                grid = F.pad(grid, (0, 0, 0, pad_r, 0, pad_b))
-            ph, pw = height + pad_b, width + pad_r
-            nh, nw = ph // win, pw // win
-            # (B, nh, win, nw, win, C) -> (B*nh*nw, win*win, C)
-            windows = grid.view(batch, nh, win, nw, win, chans).transpose(2, 3).reshape(-1, win * win, chans)
-            windows = self.attn(windows)
-            grid = windows.view(batch, nh, nw, win, win, chans).transpose(2, 3).reshape(batch, ph, pw, chans)
-            if pad_b or pad_r:
-                grid = grid[:, :height, :width]
-            attended = grid.reshape(batch, tokens, chans)
-        x = x + attended
+        x = x + self.attn(x)
         x = self.local_conv(x.transpose(1, 2).reshape(batch, chans, height, width))
         x = x.view(batch, chans, tokens).transpose(1, 2)
         return x + self.mlp(x)
@@ -341,6 +383,7 @@ class TinyViT(nn.Module):
             self.norm_head = nn.LayerNorm(embed_dims[-1])
             self.head = nn.Linear(embed_dims[-1], classifier_classes)
         self.neck = sam_neck(embed_dims[-1], out_chans)
+        self.activation_checkpointing = False  # recompute stages in backward to save memory (training)
 
     def forward_with_features(
         self, x: torch.Tensor, feature_indexes: Sequence[int] = ()
@@ -352,9 +395,13 @@ class TinyViT(nn.Module):
             feature_indexes: stage indexes (0..3) whose outputs to return.
         """
         x = self.patch_embed(x)
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         kept: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
             if i in feature_indexes:
                 kept[i] = x
         side = self.out_resolution

@@ -1,0 +1,108 @@
+"""``samadapt segment``: a 2D image here; a volume (file or DICOM folder) goes to :mod:`.volume`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samadapt.cli.common import PointAction, adapter_dir, add_model_args, is_volume_path, load_predictor
+from samadapt.errors import InputError
+
+
+def register(sub: Any) -> None:
+    """Add the ``segment`` parser (2D and volume flags) to the sub-parsers ``sub``."""
+    seg = sub.add_parser("segment", help="segment a 2D image (PNG/JPEG/TIFF) or a volume from a prompt")
+    seg.add_argument(
+        "input", help="image file, volume file (.nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd) or DICOM folder"
+    )
+    seg.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), action="append")
+    seg.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"), action=PointAction, dest="points")
+    seg.add_argument(
+        "--negative", nargs=0, action=PointAction, dest="negative_flag", help="last point is negative"
+    )
+    seg.add_argument(
+        "--negative-point", nargs=2, type=float, metavar=("X", "Y"), action=PointAction, dest="points"
+    )
+    seg.add_argument("--multimask", action="store_true", help="2D: keep the best of three candidate masks")
+    seg.add_argument("-o", "--output", required=True, help="mask file (.png/.tif) or segmentation volume")
+    seg.add_argument("--overlay", help="also write a picture of the mask over the image (.png)")
+    vol = seg.add_argument_group("volumes")
+    vol.add_argument("--slice", type=int, help="slice index K of the prompted slice (voxel IJK convention)")
+    vol.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    vol.add_argument(
+        "--roi",
+        nargs=6,
+        type=float,
+        metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+        help="3D box limiting propagation (voxels)",
+    )
+    vol.add_argument("--mm", action="store_true", help="prompt coordinates are physical RAS millimetres")
+    vol.add_argument("--preset", choices=("ct-soft", "ct-lung", "ct-bone", "ct-brain", "mr"))
+    vol.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"))
+    vol.add_argument("--channel", type=int, help="channel of a 4D volume to use")
+    vol.add_argument("--label", type=int, action="append", help="label value per --box (default 1, 2, ...)")
+    vol.add_argument(
+        "--name", action="append", help="segment name per --box, stored in .seg.nrrd (default object_<label>)"
+    )
+    vol.add_argument(
+        "--batch-size", type=int, help="slices embedded per encoder call (default: 2 on CPU, 8 on CUDA)"
+    )
+    vol.add_argument("--no-progress", action="store_true")
+    add_model_args(seg)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment ``args.input``: a volume path goes to the volume command, anything else is a 2D image."""
+    adapter_dir(args)  # a wrong --adapter fails before any file is read
+    if is_volume_path(args.input):
+        from samadapt.cli.volume import segment_volume
+
+        return segment_volume(args)
+    return segment_2d(args)
+
+
+def segment_2d(args: argparse.Namespace) -> int:
+    """Segment a 2D image from boxes and/or points; several boxes make a label map (1, 2, ...)."""
+    from samadapt.domains import images
+
+    if not args.box and not args.points:
+        raise InputError("give a prompt: --box X0 Y0 X1 Y1 and/or --point X Y")
+    image = images.read_image(args.input)
+    output = Path(args.output)
+    images.check_suffix(output, images.MASK_SUFFIXES, "mask output")
+    if args.overlay:
+        images.check_suffix(Path(args.overlay), images.OVERLAY_SUFFIXES, "overlay output")
+    predictor, described = load_predictor(args)
+    points = args.points or []
+    coords = np.array([[x, y] for x, y, _ in points]) if points else None
+    labels = np.array([lab for _, _, lab in points]) if points else None
+    height, width = image.shape[:2]
+    if args.box:
+        predictor.check_boxes(np.array(args.box), (height, width))  # validate before the slow encoder
+    if coords is not None:
+        predictor.check_points(coords, (height, width))
+    predictor.set_image(image)
+    result = predictor.predict(
+        point_coords=coords, point_labels=labels, boxes=args.box, multimask_output=args.multimask
+    )
+    best = result.scores.argmax(axis=1)
+    masks = [result.masks[i, best[i]] for i in range(result.masks.shape[0])]
+    if len(masks) == 1:
+        combined: np.ndarray = masks[0]
+    else:
+        combined = np.zeros((height, width), dtype=np.uint8)
+        for value, mask in enumerate(masks, start=1):
+            combined[mask & (combined == 0)] = value
+    images.write_mask(output, combined)
+    if args.overlay:
+        pts = [(x, y, lab == 1) for x, y, lab in points]
+        images.write_overlay(args.overlay, images.overlay(image, masks, args.box or [], pts))
+    area = int(sum(m.sum() for m in masks))
+    print(
+        f"{output}: {len(masks)} mask(s), {area} pixels "
+        f"({described}, encoder {predictor.last_encode_seconds:.2f} s)"
+    )
+    return 0

@@ -1,0 +1,101 @@
+"""``samadapt segment VOLUME``: a prompt on one slice, propagated through a medical volume."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from samadapt.cli.common import load_predictor
+from samadapt.errors import InputError
+
+
+def segment_volume(args: argparse.Namespace) -> int:
+    """Segment a volume from a 2D prompt and propagate it through the slices.
+
+    ``args`` is read, never written: the prompt a 3D ``--roi`` implies is kept in local variables.
+    """
+    from tqdm import tqdm
+
+    from samadapt.domains import images
+    from samadapt.domains.medical import apply_intensity, guess_preset, read_volume, require_3d, write_volume
+    from samadapt.domains.medical.io import WRITE_SUFFIXES
+    from samadapt.domains.medical.prompts import volume_prompts
+    from samadapt.domains.medical.propagation import (
+        AXES,
+        Roi,
+        VolumeSegmenter,
+        combine_labels,
+        slice_count,
+        slice_image,
+    )
+
+    output = Path(args.output)
+    if not any(output.name.lower().endswith(s) for s in WRITE_SUFFIXES):
+        raise InputError(f"segmentation output must end in one of {', '.join(WRITE_SUFFIXES)}: {output.name}")
+    if not output.parent.exists():
+        raise InputError(f"output folder does not exist: {output.parent}")
+    if args.preset and args.window:
+        raise InputError("give either --preset or --window, not both")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    volume = require_3d(read_volume(args.input, channel=args.channel))
+    roi = Roi.from_values(args.roi, volume.shape) if args.roi else None
+    slice_value: float | None = args.slice
+    boxes: list[list[float]] = [list(b) for b in (args.box or [])]
+    points = list(args.points or [])
+    if roi is not None and slice_value is None and not boxes and not points:
+        low, high = roi.slice_range(args.axis)  # prompt: the ROI's own box on its middle slice
+        slice_value = (low + high) // 2
+        boxes = [list(roi.plane_box(args.axis))]
+    if not boxes and not points:
+        raise InputError("give a prompt: --box X0 Y0 X1 Y1 and/or --point X Y on --slice K (or a 3D --roi)")
+    index, prompts = volume_prompts(
+        volume,
+        args.axis,
+        boxes=boxes,
+        points=points,
+        slice_value=slice_value,
+        mm=args.mm,
+        labels=args.label,
+    )
+    given = list(args.name or [])
+    if given and len(given) != len(prompts):
+        raise InputError(f"give one --name per object ({len(prompts)}), got {len(given)}")
+    names = {p.label: (given[n] if given else f"object_{p.label}") for n, p in enumerate(prompts)}
+    preset = None if args.window else (args.preset or guess_preset(volume))
+    image = apply_intensity(volume.array, preset=preset, window=tuple(args.window) if args.window else None)
+    predictor, described = load_predictor(args)
+    total = slice_count(volume.shape, args.axis)
+    start = time.perf_counter()
+    with tqdm(
+        total=total, desc="embedding slices", unit="slice", disable=args.no_progress, leave=False
+    ) as bar:
+        batch_size = args.batch_size or (8 if predictor.device.type == "cuda" else 2)
+        segmenter = VolumeSegmenter(predictor, image, args.axis, batch_size=batch_size, progress=bar.update)
+        masks = [(p.label, segmenter.segment(p, roi)) for p in prompts]
+    seconds = time.perf_counter() - start
+    labelmap = combine_labels(masks, volume.shape)
+    write_volume(output, labelmap, volume, labels=names)
+    if args.overlay:
+        plane = slice_image(image, args.axis, index)
+        plane_labels = slice_image(labelmap, args.axis, index)
+        shown = [plane_labels == p.label for p in prompts]
+        drawn = [p.box for p in prompts if p.box is not None]
+        pts = [(x, y, lab == 1) for x, y, lab in prompts[0].points]
+        images.write_overlay(
+            args.overlay, images.overlay((plane * 255).astype(np.uint8), shown, drawn, pts, min_size=512)
+        )
+    in_plane = tuple(a for a in range(3) if a != AXES[args.axis])
+    for value, mask in masks:
+        reached = np.flatnonzero(mask.any(axis=in_plane))
+        span = f"slices {reached[0]}..{reached[-1]}" if reached.size else "empty"
+        print(f"label {value}: {int(mask.sum())} voxels, {span}")
+    print(
+        f"{output}: {len(prompts)} object(s) from {args.axis} slice {index} ({described}, preset "
+        f"{preset or 'window ' + str(args.window)}, {segmenter.cached_slices} slices embedded, "
+        f"{seconds:.1f} s)"
+    )
+    return 0
