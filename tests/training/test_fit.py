@@ -148,12 +148,15 @@ def test_resume_from_the_last_checkpoint(tiny_base: Path, data_root: Path, tmp_p
     common = [
         "fit", "--config", REPO / "recipes/medsam/decoder.yaml", "--model.base", tiny_base,
         "--data.root", data_root, "--data.batch_size", "2", "--data.max_samples", "4",
-        "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path / "runs",
-        "--trainer.max_epochs", "1",
+        "--trainer.log_every_n_steps", "1", "--trainer.max_epochs", "1",
     ]  # fmt: skip
     first = run_samadapt(*common, "--out", tmp_path / "a", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    runs = tmp_path / "runs" / "medsam_decoder"  # the recipe's CSV and TensorBoard loggers
+    metrics = next(runs.rglob("metrics.csv")).read_text()
+    assert "train/loss" in metrics and "val/dice" in metrics
+    assert list(runs.rglob("events.out.tfevents.*"))
+    last = next(runs.rglob("last.ckpt"))
     state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     assert state and all(k.startswith("model.mask_decoder.") for k in state)  # trainable part only
     second = run_samadapt(*common[:-1], "2", "--ckpt_path", last, "--out", tmp_path / "b", cwd=tmp_path)
@@ -170,3 +173,26 @@ def test_fit_without_data_root_is_one_line(tiny_base: Path, tmp_path: Path) -> N
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("samadapt fit: error:")
     assert "--data.root" in proc.stderr
+
+
+def test_bf16_mixed_precision_trains(tiny_base: Path, data_root: Path, tmp_path: Path) -> None:
+    proc = run_samadapt(
+        "fit", "--config", REPO / "recipes/lora/litemedsam.yaml", "--model.base", tiny_base,
+        "--data.root", data_root, "--trainer.fast_dev_run=1", "--trainer.precision", "bf16-mixed",
+        "--trainer.accumulate_grad_batches", "2", "--out", tmp_path / "a", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bf16" in proc.stdout + proc.stderr  # Lightning reports the mixed-precision plugin
+
+
+def test_adapter_runs_on_volume_propagation(trained: Path, tiny_base: Path, tmp_path: Path) -> None:
+    from samadapt.domains.medical import read_volume
+
+    volume = REPO / "tests/data/totalsegmentator/example_ct_sm.nii.gz"
+    out = tmp_path / "seg.nii.gz"
+    args = ["segment", volume, "--box", "44", "27", "104", "81", "--slice", "24", "--checkpoint", tiny_base]
+    proc = run_samadapt(*args, "--adapter", trained, "--no-progress", "-o", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "adapter lora" in proc.stdout
+    source, result = read_volume(volume), read_volume(out)
+    assert result.shape == source.shape and np.allclose(result.affine, source.affine)
