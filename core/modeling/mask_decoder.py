@@ -95,7 +95,7 @@ class MaskDecoder(nn.Module):
         if src.shape[0] != batch:
             src = torch.repeat_interleave(src, batch, dim=0)
         src = src + dense_prompt_embeddings
-        pos_src = torch.repeat_interleave(image_pe, batch, dim=0)
+        pos_src = image_pe.expand(batch, -1, -1, -1)  # a view: the same encoding for every prompt
         chans, height, width = src.shape[1:]
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]

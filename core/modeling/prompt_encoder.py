@@ -84,14 +84,28 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self._dense_pe: torch.Tensor | None = None
+        self._dense_pe_key: tuple | None = None
 
     def _point_weight(self, index: int) -> torch.Tensor:
         """(1, C) embedding of point kind ``index``: 0 negative, 1 positive, 2/3 box corners."""
         return cast(nn.Embedding, self.point_embeddings[index]).weight
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image embedding grid: (1, C, H, W)."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image embedding grid: (1, C, H, W).
+
+        Cached at inference (it depends only on the grid size and the fixed Gaussian matrix); with
+        autograd on it is recomputed, so nothing stale or detached enters a training graph.
+        """
+        if torch.is_grad_enabled():
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        gaussian = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (self.image_embedding_size, gaussian.device, gaussian.dtype, gaussian._version, id(gaussian))
+        if self._dense_pe_key != key:
+            self._dense_pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+            self._dense_pe_key = key
+        assert self._dense_pe is not None
+        return self._dense_pe
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """points (B, N, 2), labels (B, N) with 1 = fg, 0 = bg, -1 = padding -> (B, N(+1), C)."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.modeling.common import MLPBlock
+from samadapt.modeling.common import MLPBlock, linear
 
 
 class Attention(nn.Module):
@@ -30,11 +30,14 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C)."""
+        # ``linear`` runs a plain nn.Linear through oneDNN at CPU inference; a wrapped one (LoRA) as is
         out = F.scaled_dot_product_attention(
-            self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
+            self._split(linear(self.q_proj, q)),
+            self._split(linear(self.k_proj, k)),
+            self._split(linear(self.v_proj, v)),
         )
         batch, heads, tokens, head_dim = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+        return linear(self.out_proj, out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -70,10 +73,10 @@ class TwoWayAttentionBlock(nn.Module):
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        k = keys + key_pe  # (B, HW, C): the keys do not change until norm4, so one sum serves both
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
-        q, k = queries + query_pe, keys + key_pe
+        q = queries + query_pe
         keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
         return queries, keys
 
