@@ -142,13 +142,22 @@ class Predictor:
 
     # ------------------------------------------------------------------ prompting
     def check_points(self, coords: np.ndarray, size: tuple[int, int], what: str = "point") -> None:
-        """Refuse (..., 2) x/y coordinates outside an (H, W) image."""
+        """Refuse (..., 2) x/y coordinates outside an (H, W) image.
+
+        Coordinates are pixel indexes (x = column, y = row; fractions allowed), so the valid range is
+        0..W-1 and 0..H-1 inclusive; a box's corners are the first and last pixels it covers, as the
+        tight box ``x0, y0, x1, y1 = min/max of np.nonzero(mask)`` that MedSAM/LiteMedSAM trained on.
+        The volume prompts (:mod:`samadapt.domains.medical.prompts`) follow the same convention.
+        """
         height, width = size
         if not np.isfinite(coords).all():
             raise InputError(f"{what} has non-finite coordinates")
         xs, ys = coords[..., 0], coords[..., 1]
-        if xs.min() < 0 or ys.min() < 0 or xs.max() > width or ys.max() > height:
-            raise InputError(f"{what} lies outside the {width}x{height} image")
+        if xs.min() < 0 or ys.min() < 0 or xs.max() > width - 1 or ys.max() > height - 1:
+            raise InputError(
+                f"{what} lies outside the {width}x{height} image (pixel indexes x 0..{width - 1}, "
+                f"y 0..{height - 1})"
+            )
 
     def check_boxes(self, boxes: np.ndarray | Sequence[float], size: tuple[int, int]) -> np.ndarray:
         """Validate (4,) or (B, 4) x0 y0 x1 y1 boxes against an (H, W) image; returns them as (B, 4)."""

@@ -1,4 +1,5 @@
-"""What every ``samadapt`` command shares: the one-line-error parser, model flags, predictor loading.
+"""What the ``samadapt`` commands share: the one-line-error parser, model flags, predictor loading,
+and how 2D prompts become objects (points per box, decoding, label maps) for segment and its batch run.
 
 Every command module imports this one and nothing else from the CLI package, so the modules form a
 tree (``samadapt.cli`` -> command modules -> ``common``) with no import cycles.
@@ -23,12 +24,17 @@ class Parser(argparse.ArgumentParser):
 
 
 class PointAction(argparse.Action):
-    """``--point X Y`` appends a positive point; ``--negative`` flips the last one to negative."""
+    """``--point X Y`` appends a positive point; ``--negative`` flips the last one to negative.
+
+    Each point goes with the ``--box`` given before it on the command line (points before the first
+    ``--box`` go with the first box): ``namespace.point_boxes`` holds that box's index per point.
+    """
 
     def __call__(
         self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None
     ) -> None:
         points = list(getattr(namespace, "points", None) or [])
+        owners = list(getattr(namespace, "point_boxes", None) or [])
         if self.dest == "negative_flag":
             if not points:
                 parser.error("--negative must follow a --point X Y")
@@ -36,7 +42,71 @@ class PointAction(argparse.Action):
         else:
             label = 0 if option == "--negative-point" else 1
             points.append((float(values[0]), float(values[1]), label))
+            owners.append(max(len(getattr(namespace, "box", None) or []) - 1, 0))
         namespace.points = points
+        namespace.point_boxes = owners
+
+
+def points_by_box(
+    points: list[tuple[float, float, int]], owners: list[int] | None, boxes: int
+) -> list[list[tuple[float, float, int]]]:
+    """The points of each box (one group when there is no box), from ``PointAction``'s box indexes."""
+    owners = owners if owners is not None and len(owners) == len(points) else [0] * len(points)
+    groups: list[list[tuple[float, float, int]]] = [[] for _ in range(max(boxes, 1))]
+    for point, owner in zip(points, owners, strict=True):
+        groups[min(owner, len(groups) - 1)].append(point)
+    return groups
+
+
+def attachment_note(groups: list[list[tuple[float, float, int]]]) -> str | None:
+    """A one-line note saying which box each point went with, when there are several boxes and points."""
+    if len(groups) < 2 or not any(groups):
+        return None
+    parts = [f"box {n}: {len(g)}" for n, g in enumerate(groups, start=1)]
+    return "note: each --point goes with the --box before it (points per box: " + ", ".join(parts) + ")"
+
+
+def predict_objects(
+    predictor: Any,
+    objects: list[tuple[list[float] | None, list[tuple[float, float, int]]]],
+    multimask: bool = False,
+) -> list[Any]:
+    """(H, W) bool mask per object of the predictor's current image; each object is (box, points).
+
+    Objects without points decode together in one batch; each object with points decodes alone, so
+    its points never reach another box.
+    """
+    import numpy as np
+
+    masks: list[Any] = [None] * len(objects)
+    plain = [n for n, (box, pts) in enumerate(objects) if box is not None and not pts]
+    if plain:
+        result = predictor.predict(boxes=[objects[n][0] for n in plain], multimask_output=multimask)
+        best = result.scores.argmax(axis=1)
+        for i, n in enumerate(plain):
+            masks[n] = result.masks[i, best[i]]
+    for n, (box, pts) in enumerate(objects):
+        if masks[n] is not None:
+            continue
+        coords = np.array([[x, y] for x, y, _ in pts]) if pts else None
+        labels = np.array([lab for _, _, lab in pts]) if pts else None
+        result = predictor.predict(
+            point_coords=coords, point_labels=labels, boxes=box, multimask_output=multimask
+        )
+        masks[n] = result.masks[0, int(result.scores[0].argmax())]
+    return masks
+
+
+def combine_masks(masks: list[Any], values: list[int] | None = None) -> Any:
+    """(H, W) label map: object ``n`` gets ``values[n]`` (default n + 1); earlier objects keep overlaps."""
+    import numpy as np
+
+    values = values or list(range(1, len(masks) + 1))
+    dtype = np.uint16 if max(values) > 255 else np.uint8
+    combined = np.zeros(masks[0].shape, dtype=dtype)
+    for value, mask in zip(values, masks, strict=True):
+        combined[mask & (combined == 0)] = value
+    return combined
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +165,8 @@ def load_predictor(args: argparse.Namespace) -> tuple[Any, str]:
     if adapter_path is not None:
         from samadapt.adapter import load_adapter
 
-        adapter = load_adapter(adapter_path, model, base_sha256=checkpoint_sha256(source.path))
+        # merged where the method allows (LoRA): inference then runs plain SAM with its fast paths
+        adapter = load_adapter(adapter_path, model, base_sha256=checkpoint_sha256(source.path), merge=True)
         attached = f" + adapter {_adapter_kind(adapter)} from {adapter_path}"
     predictor = Predictor(model, device=args.device, precision=args.precision)
     return predictor, f"{model.variant} from {source.origin} at {predictor.precision}{attached}"

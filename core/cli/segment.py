@@ -8,7 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from samadapt.cli.common import PointAction, adapter_dir, add_model_args, is_volume_path, load_predictor
+from samadapt.cli.common import (
+    PointAction,
+    adapter_dir,
+    add_model_args,
+    attachment_note,
+    combine_masks,
+    is_volume_path,
+    load_predictor,
+    points_by_box,
+    predict_objects,
+)
 from samadapt.errors import InputError
 
 
@@ -16,10 +26,26 @@ def register(sub: Any) -> None:
     """Add the ``segment`` parser (2D and volume flags) to the sub-parsers ``sub``."""
     seg = sub.add_parser("segment", help="segment a 2D image (PNG/JPEG/TIFF) or a volume from a prompt")
     seg.add_argument(
-        "input", help="image file, volume file (.nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd) or DICOM folder"
+        "input",
+        nargs="?",
+        help="image file, volume file (.nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd) or DICOM folder "
+        "(or none, with --prompts)",
+    )
+    seg.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="manifest (.csv or .json) of many cases, one row per object; -o is then an output folder",
     )
     seg.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), action="append")
-    seg.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"), action=PointAction, dest="points")
+    seg.add_argument(
+        "--point",
+        nargs=2,
+        type=float,
+        metavar=("X", "Y"),
+        action=PointAction,
+        dest="points",
+        help="a foreground point; it goes with the --box given before it (else the first box)",
+    )
     seg.add_argument(
         "--negative", nargs=0, action=PointAction, dest="negative_flag", help="last point is negative"
     )
@@ -27,7 +53,12 @@ def register(sub: Any) -> None:
         "--negative-point", nargs=2, type=float, metavar=("X", "Y"), action=PointAction, dest="points"
     )
     seg.add_argument("--multimask", action="store_true", help="2D: keep the best of three candidate masks")
-    seg.add_argument("-o", "--output", required=True, help="mask file (.png/.tif) or segmentation volume")
+    seg.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="mask file (.png/.tif) or segmentation volume; with --prompts, the output folder",
+    )
     seg.add_argument("--overlay", help="also write a picture of the mask over the image (.png)")
     vol = seg.add_argument_group("volumes")
     vol.add_argument("--slice", type=int, help="slice index K of the prompted slice (voxel IJK convention)")
@@ -55,8 +86,17 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Segment ``args.input``: a volume path goes to the volume command, anything else is a 2D image."""
+    """Segment ``args.input``: a volume path goes to the volume command, anything else is a 2D image.
+
+    ``--prompts FILE`` runs every case of a manifest instead (:mod:`samadapt.cli.batch`).
+    """
     adapter_dir(args)  # a wrong --adapter fails before any file is read
+    if getattr(args, "prompts", None):
+        from samadapt.cli.batch import segment_manifest
+
+        return segment_manifest(args)
+    if not args.input:
+        raise InputError("give an input image or volume, or --prompts FILE.csv|FILE.json for many cases")
     if is_volume_path(args.input):
         from samadapt.cli.volume import segment_volume
 
@@ -77,25 +117,20 @@ def segment_2d(args: argparse.Namespace) -> int:
         images.check_suffix(Path(args.overlay), images.OVERLAY_SUFFIXES, "overlay output")
     predictor, described = load_predictor(args)
     points = args.points or []
-    coords = np.array([[x, y] for x, y, _ in points]) if points else None
-    labels = np.array([lab for _, _, lab in points]) if points else None
+    boxes: list[list[float]] = [list(b) for b in (args.box or [])]
+    groups = points_by_box(points, getattr(args, "point_boxes", None), len(boxes))
+    objects = [(boxes[n] if boxes else None, group) for n, group in enumerate(groups)]
     height, width = image.shape[:2]
-    if args.box:
-        predictor.check_boxes(np.array(args.box), (height, width))  # validate before the slow encoder
-    if coords is not None:
-        predictor.check_points(coords, (height, width))
+    if boxes:
+        predictor.check_boxes(np.array(boxes), (height, width))  # validate before the slow encoder
+    if points:
+        predictor.check_points(np.array([[x, y] for x, y, _ in points]), (height, width))
+    note = attachment_note(groups) if points else None
+    if note:
+        print(note)
     predictor.set_image(image)
-    result = predictor.predict(
-        point_coords=coords, point_labels=labels, boxes=args.box, multimask_output=args.multimask
-    )
-    best = result.scores.argmax(axis=1)
-    masks = [result.masks[i, best[i]] for i in range(result.masks.shape[0])]
-    if len(masks) == 1:
-        combined: np.ndarray = masks[0]
-    else:
-        combined = np.zeros((height, width), dtype=np.uint8)
-        for value, mask in enumerate(masks, start=1):
-            combined[mask & (combined == 0)] = value
+    masks = predict_objects(predictor, objects, multimask=args.multimask)
+    combined: np.ndarray = masks[0] if len(masks) == 1 else combine_masks(masks)
     images.write_mask(output, combined)
     if args.overlay:
         pts = [(x, y, lab == 1) for x, y, lab in points]

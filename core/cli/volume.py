@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samadapt.cli.common import load_predictor
+from samadapt.cli.common import attachment_note, load_predictor
 from samadapt.errors import InputError
 
 
@@ -60,7 +60,11 @@ def segment_volume(args: argparse.Namespace) -> int:
         slice_value=slice_value,
         mm=args.mm,
         labels=args.label,
+        point_boxes=getattr(args, "point_boxes", None) if len(boxes) > 1 else None,
     )
+    note = attachment_note([p.points for p in prompts]) if points else None
+    if note:
+        print(note)
     given = list(args.name or [])
     if given and len(given) != len(prompts):
         raise InputError(f"give one --name per object ({len(prompts)}), got {len(given)}")
@@ -84,7 +88,7 @@ def segment_volume(args: argparse.Namespace) -> int:
         plane_labels = slice_image(labelmap, args.axis, index)
         shown = [plane_labels == p.label for p in prompts]
         drawn = [p.box for p in prompts if p.box is not None]
-        pts = [(x, y, lab == 1) for x, y, lab in prompts[0].points]
+        pts = [(x, y, lab == 1) for p in prompts for x, y, lab in p.points]
         images.write_overlay(
             args.overlay, images.overlay((plane * 255).astype(np.uint8), shown, drawn, pts, min_size=512)
         )

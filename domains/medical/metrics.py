@@ -26,7 +26,7 @@ from samadapt._optional import optional_import
 from samadapt.domains.medical.volume import Volume
 from samadapt.errors import InputError
 
-__all__ = ["dice", "evaluate_labels", "hd95", "nsd"]
+__all__ = ["dice", "evaluate_label_arrays", "evaluate_labels", "hd95", "nsd"]
 
 
 def _masks(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -175,9 +175,49 @@ def evaluate_labels(
         values = sorted(int(v) for v in labels)
     else:
         values = sorted(int(v) for v in labels)
+    return evaluate_label_arrays(pred.array, gt.array, spacing, tolerance_mm, values, names)
+
+
+def evaluate_label_arrays(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float],
+    tolerance_mm: float = 2.0,
+    labels: Sequence[int] | None = None,
+    names: dict[int, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-label Dice, NSD and HD95 of two label arrays of any dimension (2D masks, 3D volumes).
+
+    Args:
+        pred: predicted label array.
+        gt: ground-truth label array of the same shape.
+        spacing: pixel/voxel size per array axis (mm; for a plain 2D image, 1 per pixel).
+        tolerance_mm: NSD tolerance in the units of ``spacing``.
+        labels: label values to evaluate; by default every nonzero value present in either array.
+        names: optional ``{value: name}`` for the ``name`` column.
+
+    Returns:
+        One dict per label as :func:`evaluate_labels` returns them.
+
+    Raises:
+        InputError: the shapes differ, bad spacing or negative tolerance.
+    """
+    if np.shape(pred) != np.shape(gt):
+        raise InputError(
+            f"label grid mismatch: prediction shape {np.shape(pred)} vs ground truth {np.shape(gt)}"
+        )
+    if not tolerance_mm >= 0:
+        raise InputError(f"NSD tolerance must be >= 0 mm, got {tolerance_mm}")
+    spacing = _spacing(spacing, np.ndim(gt))
+    names = names or {}
+    if labels is None:
+        present = {int(v) for v in np.unique(gt)} | {int(v) for v in np.unique(pred)}
+        values = sorted(v for v in present if v != 0)
+    else:
+        values = sorted(int(v) for v in labels)
     rows = []
     for value in values:
-        p, g = pred.array == value, gt.array == value
+        p, g = pred == value, gt == value
         n_p, n_g = int(p.sum()), int(g.sum())
         if n_p and n_g:
             d_p, d_g = _surface_distances(p, g, spacing)

@@ -83,11 +83,14 @@ def volume_prompts(
     slice_value: float | None,
     mm: bool = False,
     labels: Sequence[int] | None = None,
+    point_boxes: Sequence[int] | None = None,
 ) -> tuple[int, list[SlicePrompt]]:
     """One :class:`SlicePrompt` per object on the prompted slice, checked against the volume.
 
-    Each box is one object; the points go with the first object (or make the only object when no box
-    is given).
+    Each box is one object; each point goes with the box ``point_boxes`` names (by default every point
+    goes with the first box), or the points make the only object when no box is given. Coordinates are
+    voxel indexes, 0..W-1 and 0..H-1 inclusive (fractions allowed), as in
+    :meth:`samadapt.predictor.Predictor.check_points`.
 
     Args:
         volume: the volume the prompts are drawn on (its shape, and its affine when ``mm``).
@@ -97,13 +100,14 @@ def volume_prompts(
         slice_value: the slice index (or its world coordinate in mm when ``mm``).
         mm: coordinates and ``slice_value`` are RAS millimetres.
         labels: label value per object (default 1, 2, ...), each in 1..65535.
+        point_boxes: per point, the index (0-based) of the box it goes with; None: the first box.
 
     Returns:
         (slice index, prompts).
 
     Raises:
         InputError: no slice, a fractional or out-of-range slice, a box or point outside the slice,
-            a reversed box, or labels that do not match the boxes.
+            a reversed box, labels that do not match the boxes, or a point naming a missing box.
     """
     axis = AXES[axis_name]
     box_list = [[float(v) for v in box] for box in boxes]
@@ -129,10 +133,16 @@ def volume_prompts(
         if box[2] <= box[0] or box[3] <= box[1]:
             raise InputError("box is reversed or empty: need X0 < X1 and Y0 < Y1")
         if min(box) < 0 or box[2] > width - 1 or box[3] > height - 1:
-            raise InputError(f"box {box} lies outside the {width}x{height} {axis_name} slice")
+            raise InputError(
+                f"box {box} lies outside the {width}x{height} {axis_name} slice "
+                f"(voxel indexes X 0..{width - 1}, Y 0..{height - 1})"
+            )
     for x, y, _ in point_list:
         if not (0 <= x <= width - 1 and 0 <= y <= height - 1):
-            raise InputError(f"point ({x}, {y}) lies outside the {width}x{height} {axis_name} slice")
+            raise InputError(
+                f"point ({x}, {y}) lies outside the {width}x{height} {axis_name} slice "
+                f"(voxel indexes X 0..{width - 1}, Y 0..{height - 1})"
+            )
     values = list(labels or [])
     count_objects = max(len(box_list), 1)
     if values and len(values) != count_objects:
@@ -140,9 +150,14 @@ def volume_prompts(
     values = values or list(range(1, count_objects + 1))
     if any(v <= 0 or v > 65535 for v in values):
         raise InputError("--label values must be between 1 and 65535")
+    owners = [0] * len(point_list) if point_boxes is None else [int(b) for b in point_boxes]
+    if len(owners) != len(point_list):
+        raise InputError(f"point_boxes must name one box per point ({len(point_list)}), got {len(owners)}")
+    if any(not 0 <= b < count_objects for b in owners):
+        raise InputError(f"a point goes with a box that was not given (there are {count_objects} box(es))")
     prompts = []
     for n in range(count_objects):
         object_box = (box_list[n][0], box_list[n][1], box_list[n][2], box_list[n][3]) if box_list else None
-        object_points = point_list if n == 0 or not box_list else []
+        object_points = [p for p, owner in zip(point_list, owners, strict=True) if owner == n]
         prompts.append(SlicePrompt(index, object_box, object_points, values[n]))
     return index, prompts

@@ -69,26 +69,73 @@ def test_info_names_the_default_checkpoint() -> None:
     assert "precision: auto -> " in proc.stdout
 
 
-def test_points_and_negative_flag(ct_png: Path, tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
-    out = tmp_path / "m.png"
+def _spy_predict(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record the keyword arguments of every Predictor.predict call (the call still runs)."""
+    from samadapt.predictor import Predictor
+
+    calls: list[dict] = []
+    original = Predictor.predict
+
+    def spy(self, **kwargs):
+        calls.append(kwargs)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", spy)
+    return calls
+
+
+def test_negative_point_reaches_the_predictor_and_changes_the_mask(
+    ct_png: Path, tmp_path: Path, tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _spy_predict(monkeypatch)
+    base = ["segment", str(ct_png), "--point", "150", "250", "--point", "300", "300"]
+    model = ["--checkpoint", str(tiny_ckpt), "--precision", "fp32"]
+    negative, positive = tmp_path / "negative.png", tmp_path / "positive.png"
+    assert main([*base, "--negative", *model, "-o", str(negative)]) == 0
+    assert main([*base, *model, "-o", str(positive)]) == 0
+    np.testing.assert_array_equal(calls[0]["point_coords"], [[150, 250], [300, 300]])
+    np.testing.assert_array_equal(calls[0]["point_labels"], [1, 0])
+    np.testing.assert_array_equal(calls[1]["point_labels"], [1, 1])
+    assert not np.array_equal(np.array(Image.open(negative)), np.array(Image.open(positive)))
+
+
+def test_each_point_goes_with_the_box_before_it(
+    ct_png: Path, tmp_path: Path, tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    calls = _spy_predict(monkeypatch)
+    out = tmp_path / "labels.png"
     code = main(
-        [
-            "segment",
-            str(ct_png),
-            "--point",
-            "150",
-            "250",
-            "--point",
-            "300",
-            "300",
-            "--negative",
-            "--checkpoint",
-            str(tiny_ckpt),
-            "-o",
-            str(out),
-        ]
+        ["segment", str(ct_png), "--point", "150", "250", "--box", "97", "188", "269", "355",
+         "--box", "300", "200", "420", "330", "--point", "350", "260", "--negative",
+         "--box", "20", "20", "60", "60", "--checkpoint", str(tiny_ckpt), "-o", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    assert (
+        "note: each --point goes with the --box before it (points per box: box 1: 1, box 2: 1, box 3: 0)"
+        in (capsys.readouterr().out)
     )
-    assert code == 0 and out.exists()
+    by_box = {tuple(np.ravel(c["boxes"]).tolist()): c for c in calls}
+    assert len(calls) == 3  # each box with its own points, never another box's
+    assert "point_coords" not in by_box[(20, 20, 60, 60)]
+    first, second = by_box[(97, 188, 269, 355)], by_box[(300, 200, 420, 330)]
+    np.testing.assert_array_equal(first["point_coords"], [[150, 250]])
+    np.testing.assert_array_equal(first["point_labels"], [1])
+    np.testing.assert_array_equal(second["point_coords"], [[350, 260]])
+    np.testing.assert_array_equal(second["point_labels"], [0])
+    assert set(np.unique(np.array(Image.open(out)))) <= {0, 1, 2, 3}
+
+
+def test_2d_coordinates_run_to_the_last_pixel_index(
+    ct_png: Path, tmp_path: Path, tiny_ckpt: Path, capsys
+) -> None:
+    """On the 512x512 slice, x and y run 0..511: the last pixel is a valid corner, 512 is outside."""
+    model = ["--checkpoint", str(tiny_ckpt), "--precision", "fp32"]
+    inside, outside = tmp_path / "inside.png", tmp_path / "outside.png"
+    assert main(["segment", str(ct_png), "--box", "0", "0", "511", "511", *model, "-o", str(inside)]) == 0
+    assert main(["segment", str(ct_png), "--point", "511", "0", *model, "-o", str(inside)]) == 0
+    assert main(["segment", str(ct_png), "--box", "0", "0", "512", "511", *model, "-o", str(outside)]) == 1
+    assert "outside the 512x512 image (pixel indexes x 0..511, y 0..511)" in capsys.readouterr().err
+    assert not outside.exists()
 
 
 def _bad_checkpoint(tmp_path: Path, kind: str) -> Path:

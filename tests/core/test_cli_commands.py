@@ -166,8 +166,8 @@ def test_adapter_is_attached_before_the_predictor_and_described(
     class FakeAdapter:
         adapter_type = "lora"
 
-    def load_adapter(directory: Path, model: object, *, base_sha256: str) -> FakeAdapter:
-        seen.update(directory=directory, model=model, sha=base_sha256)
+    def load_adapter(directory: Path, model: object, *, base_sha256: str, merge: bool) -> FakeAdapter:
+        seen.update(directory=directory, model=model, sha=base_sha256, merge=merge)
         return FakeAdapter()
 
     fake = types.ModuleType("samadapt.adapter")
@@ -181,6 +181,7 @@ def test_adapter_is_attached_before_the_predictor_and_described(
     predictor, described = load_predictor(args)
     assert seen["directory"] == folder and seen["model"] is predictor.model
     assert seen["sha"] == sha256_of(tiny_ckpt)
+    assert seen["merge"] is True  # merged for inference where the adapter allows it
     assert described == f"tiny from --checkpoint at fp32 + adapter lora from {folder}"
 
 

@@ -124,36 +124,121 @@ def test_volume_bad_input_one_line_no_output(case: str, message: str, tmp_path: 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".seg")]
 
 
-def test_four_d_volume_with_channel_works(tmp_path: Path, capsys) -> None:
-    volume = np.zeros((24, 24, 5), np.float32)
-    volume[6:18, 6:18, :] = 200.0
-    source = _write(tmp_path, "ct4d.nii.gz", np.stack([volume * 0, volume], axis=-1))
-    out = tmp_path / "seg.nrrd"
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight model, saved as a checkpoint (fast stand-in for LiteMedSAM)."""
+    import torch
+
+    from samadapt import build
+    from samadapt.checkpoint import save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
+    save_model(build("tiny"), path)
+    return path
+
+
+def _ct_crop(slices: int = 6) -> Volume:
+    """The bundled CT cut to a few axial slices around the liver's largest one (geometry kept)."""
+    ct = read_volume(CT)
+    k, _ = _liver_box()
+    first = k - slices // 2
+    affine = ct.affine.copy()
+    affine[:3, 3] = ct.affine[:3, :3] @ [0, 0, first] + ct.affine[:3, 3]
+    return Volume(ct.array[:, :, first : first + slices].copy(), affine)
+
+
+def test_four_d_volume_output_follows_the_chosen_channel(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
+    """Two different channels (CT, mirrored CT): --channel N segments exactly what channel N alone gives."""
+    ct = _ct_crop()
+    channels = [ct.array, ct.array[::-1].copy()]
+    import nibabel as nib
+
+    four_d = tmp_path / "ct4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack(channels, axis=-1), ct.affine), str(four_d))
+    prompt = ["--box", "44", "27", "104", "81", "--slice", "3", "--window", "40", "400", "--no-progress"]
+    model = ["--checkpoint", str(tiny_ckpt), "--precision", "fp32"]
+    results = []
+    for n, array in enumerate(channels):
+        alone = tmp_path / f"channel{n}.nii.gz"
+        write_volume(alone, array, ct)
+        from_4d, from_3d = tmp_path / f"seg4d_{n}.nrrd", tmp_path / f"seg3d_{n}.nrrd"
+        assert main(["segment", str(four_d), "--channel", str(n), *prompt, *model, "-o", str(from_4d)]) == 0
+        assert main(["segment", str(alone), *prompt, *model, "-o", str(from_3d)]) == 0
+        result = read_volume(from_4d)
+        assert result.shape == ct.shape
+        np.testing.assert_allclose(result.affine, ct.affine, atol=1e-4)
+        np.testing.assert_array_equal(result.array, read_volume(from_3d).array)
+        results.append(result.array)
+    assert not np.array_equal(results[0], results[1])  # the channels differ, and so do their masks
+    assert main(["segment", str(four_d), *prompt, *model, "-o", str(tmp_path / "x.nrrd")]) == 1
+    assert "pick a channel with --channel N" in capsys.readouterr().err
+
+
+def test_nhdr_with_a_detached_header_segments_as_a_volume(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
+    """A .nhdr + raw data pair (written by pynrrd from the bundled CT) goes down the volume path."""
+    import nrrd
+
+    from samadapt.domains.medical import lps_from_affine
+
+    ct = _ct_crop()
+    spacing, origin, direction = lps_from_affine(ct.affine)
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": (direction @ np.diag(spacing)).T,
+        "space origin": origin,
+        "kinds": ["domain", "domain", "domain"],
+        "encoding": "raw",
+    }
+    source = tmp_path / "ct.nhdr"
+    nrrd.write(str(source), ct.array, header, detached_header=True, index_order="F")
+    assert "data file:" in source.read_text() and len(list(tmp_path.iterdir())) == 2
+    read = read_volume(source)
+    np.testing.assert_array_equal(read.array, ct.array)
+    np.testing.assert_allclose(read.affine, ct.affine, atol=1e-4)
+    out = tmp_path / "seg.nii.gz"
+    args = ["segment", str(source), "--box", "44", "27", "104", "81", "--slice", "3", "-o", str(out)]
+    assert main([*args, "--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--no-progress"]) == 0
+    assert "object(s) from axial slice 3" in capsys.readouterr().out
+    seg = read_volume(out)
+    assert seg.shape == ct.shape
+    np.testing.assert_allclose(seg.affine, ct.affine, atol=1e-4)
+
+
+def test_volume_coordinates_run_to_the_last_voxel_index(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
+    """On a 20x20 axial slice, X and Y run 0..19 (as in 2D): 19 is a valid corner, 20 is outside."""
+    source = _write(tmp_path, "ct.nii.gz", np.random.default_rng(0).normal(0, 100, (20, 20, 4)))
+    model = ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--no-progress", "--slice", "1"]
+    inside, outside = tmp_path / "inside.nii.gz", tmp_path / "outside.nii.gz"
+    assert main(["segment", str(source), "--box", "0", "0", "19", "19", *model, "-o", str(inside)]) == 0
+    assert main(["segment", str(source), "--point", "19", "19", *model, "-o", str(inside)]) == 0
+    assert main(["segment", str(source), "--box", "0", "0", "20", "19", *model, "-o", str(outside)]) == 1
+    assert "(voxel indexes X 0..19, Y 0..19)" in capsys.readouterr().err
+    assert not outside.exists()
+
+
+def test_volume_points_go_with_the_box_before_them(
+    tmp_path: Path, tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from samadapt.domains.medical.propagation import VolumeSegmenter
+
+    prompts = []
+    original = VolumeSegmenter.segment
+
+    def spy(self, prompt, roi=None):
+        prompts.append(prompt)
+        return original(self, prompt, roi)
+
+    monkeypatch.setattr(VolumeSegmenter, "segment", spy)
+    source = _write(tmp_path, "ct.nii.gz", np.random.default_rng(0).normal(0, 100, (20, 20, 4)))
     code = main(
-        [
-            "segment",
-            str(source),
-            "--channel",
-            "1",
-            "--box",
-            "5",
-            "5",
-            "18",
-            "18",
-            "--slice",
-            "2",
-            "--window",
-            "100",
-            "400",
-            "-o",
-            str(out),
-            "--no-progress",
-        ]
-    )
-    assert code == 0, capsys.readouterr().err
-    result = read_volume(out)
-    assert result.shape == (24, 24, 5)
-    np.testing.assert_allclose(result.affine, np.diag([2.0, 2.0, 3.0, 1.0]), atol=1e-6)
+        ["segment", str(source), "--box", "1", "1", "8", "8", "--box", "10", "10", "18", "18",
+         "--point", "14", "14", "--point", "12", "16", "--negative", "--slice", "1",
+         "--checkpoint", str(tiny_ckpt), "--no-progress", "-o", str(tmp_path / "seg.nii.gz")]
+    )  # fmt: skip
+    assert code == 0
+    assert "(points per box: box 1: 0, box 2: 2)" in capsys.readouterr().out
+    assert [p.points for p in prompts] == [[], [(14.0, 14.0, 1), (12.0, 16.0, 0)]]
 
 
 def test_evaluate_refuses_grid_mismatch(tmp_path: Path, capsys) -> None:

@@ -39,7 +39,7 @@ def test_masks_come_back_at_the_original_size(tiny_predictor: Predictor, image: 
     assert result.low_res_logits.shape == (1, 1, 32, 32)
 
 
-def test_many_boxes_points_mask_input_and_multimask(tiny_predictor: Predictor) -> None:
+def test_many_boxes_points_and_multimask(tiny_predictor: Predictor) -> None:
     image = np.random.default_rng(0).integers(0, 255, (100, 120), dtype=np.uint8)
     tiny_predictor.set_image(image)
     boxes = np.array([[0, 0, 50, 50], [10, 20, 110, 90], [60, 10, 119, 99]])
@@ -50,10 +50,39 @@ def test_many_boxes_points_mask_input_and_multimask(tiny_predictor: Predictor) -
     np.testing.assert_allclose(single.low_res_logits[0].numpy(), many.low_res_logits[1].numpy(), atol=1e-5)
     points = tiny_predictor.predict(point_coords=[[30, 40], [80, 70]], point_labels=[1, 0])
     assert points.masks.shape == (1, 1, 100, 120)
-    refined = tiny_predictor.predict(
-        point_coords=[[30, 40]], point_labels=[1], mask_input=points.low_res_logits, boxes=[5, 5, 90, 90]
+
+
+def test_mask_input_changes_the_decoding_under_identical_prompts(tiny_predictor: Predictor) -> None:
+    """The same prompts with and without ``mask_input``: any difference is the mask input's doing."""
+    image = np.random.default_rng(0).integers(0, 255, (100, 120), dtype=np.uint8)
+    tiny_predictor.set_image(image)
+    earlier = tiny_predictor.predict(point_coords=[[30, 40], [80, 70]], point_labels=[1, 0]).low_res_logits
+    prompts = {"point_coords": [[30, 40]], "point_labels": [1], "boxes": [5, 5, 90, 90]}
+    plain = tiny_predictor.predict(**prompts).low_res_logits
+    assert torch.equal(plain, tiny_predictor.predict(**prompts).low_res_logits)  # deterministic
+    refined = tiny_predictor.predict(**prompts, mask_input=earlier).low_res_logits
+    assert not torch.allclose(refined, plain, atol=1e-4)
+    # (B, H, W) is the same input as (B, 1, H, W); the decoder reads the mask's content, not its presence
+    torch.testing.assert_close(
+        tiny_predictor.predict(**prompts, mask_input=earlier[:, 0]).low_res_logits, refined
     )
-    assert not torch.equal(refined.low_res_logits, points.low_res_logits)
+    other = tiny_predictor.predict(**prompts, mask_input=-earlier).low_res_logits
+    assert not torch.allclose(other, refined, atol=1e-4)
+
+
+def test_prompt_coordinates_are_pixel_indexes(tiny_predictor: Predictor) -> None:
+    """x runs 0..W-1 and y 0..H-1 (the last pixel's index), for points and box corners alike."""
+    tiny_predictor.set_image(np.zeros((60, 80), dtype=np.uint8) + np.arange(80, dtype=np.uint8))
+    assert tiny_predictor.predict(boxes=[0, 0, 79, 59]).masks.shape == (1, 1, 60, 80)
+    assert tiny_predictor.predict(point_coords=[[79, 59], [0, 0]], point_labels=[1, 0]).masks.shape[0] == 1
+    for kwargs in (
+        {"boxes": [0, 0, 80, 59]},
+        {"boxes": [0, 0, 79, 60]},
+        {"point_coords": [[79.5, 10]], "point_labels": [1]},
+        {"point_coords": [[10, 60]], "point_labels": [1]},
+    ):
+        with pytest.raises(InputError, match=r"outside the 80x60 image \(pixel indexes x 0..79, y 0..59\)"):
+            tiny_predictor.predict(**kwargs)
 
 
 @pytest.mark.parametrize(

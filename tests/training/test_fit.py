@@ -80,18 +80,14 @@ def test_trained_adapter_runs_from_segment_and_matches_the_python_api(
     assert proc.returncode == 0, proc.stderr
     assert "adapter lora" in proc.stdout
     model = samadapt.load_model(tiny_base)
-    load_adapter(trained, model, base_sha256=checkpoint_sha256(tiny_base))
+    load_adapter(trained, model, base_sha256=checkpoint_sha256(tiny_base), merge=True)  # as the CLI does
     predictor = Predictor(model, precision="fp32")
     predictor.set_image(read_image(image_path))
     expected = predictor.predict(boxes=[float(v) for v in box]).masks[0, 0]
     np.testing.assert_array_equal(read_mask(out), expected)
-    base_only = Predictor(samadapt.load_model(tiny_base), precision="fp32")
-    base_only.set_image(read_image(image_path))
-    plain = base_only.predict(boxes=[float(v) for v in box]).masks[0, 0]
     adapted = samadapt.load_model(tiny_base)
     adapter = load_adapter(trained, adapted, base_sha256=None)
     assert any(p.abs().sum() > 0 for n, p in adapter.named_parameters() if ".B." in n)  # training moved B
-    assert plain.shape == expected.shape
 
 
 def test_segment_refuses_bad_adapters_with_one_line(

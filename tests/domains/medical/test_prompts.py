@@ -84,3 +84,31 @@ def test_mm_refuses_a_volume_whose_axes_share_a_world_axis() -> None:
         volume_prompts(
             Volume(np.zeros((8, 8, 4)), sheared), "axial", boxes=[(1, 1, 2, 2)], slice_value=1, mm=True
         )
+
+
+def test_points_go_with_the_box_point_boxes_names() -> None:
+    _, prompts = volume_prompts(
+        VOLUME,
+        "axial",
+        boxes=[(1, 2, 5, 6), (8, 8, 12, 10)],
+        points=[(3, 4, 1), (10, 9, 1), (9, 9, 0)],
+        point_boxes=[0, 1, 1],
+        slice_value=3,
+    )
+    assert prompts[0].points == [(3.0, 4.0, 1)]
+    assert prompts[1].points == [(10.0, 9.0, 1), (9.0, 9.0, 0)]
+    with pytest.raises(InputError, match="not given"):
+        volume_prompts(
+            VOLUME, "axial", boxes=[(1, 2, 5, 6)], points=[(3, 4, 1)], point_boxes=[1], slice_value=3
+        )
+
+
+def test_voxel_coordinates_run_to_the_last_index() -> None:
+    """X 0..W-1 and Y 0..H-1 on the 20x16 axial slice, as in the 2D predictor."""
+    _, prompts = volume_prompts(VOLUME, "axial", boxes=[(0, 0, 19, 15)], points=[(19, 15, 0)], slice_value=0)
+    assert prompts[0].box == (0.0, 0.0, 19.0, 15.0)
+    for kwargs in ({"boxes": [(0, 0, 20, 15)]}, {"boxes": [(0, 0, 19, 16)]}, {"points": [(19.5, 3, 1)]}):
+        with pytest.raises(
+            InputError, match=r"outside the 20x16 axial slice \(voxel indexes X 0..19, Y 0..15\)"
+        ):
+            volume_prompts(VOLUME, "axial", slice_value=0, **kwargs)
