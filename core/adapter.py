@@ -319,6 +319,32 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def _check_base(config: Mapping[str, Any], directory: Path, model: SamModel, base_sha256: str | None) -> None:
+    base = config["base"]
+    if base.get("variant") != model.variant:
+        raise AdapterError(
+            f"adapter in {directory} was trained on a {base.get('variant')} base, not {model.variant}"
+        )
+    if base_sha256 is not None and base.get("sha256") != base_sha256:
+        raise AdapterError(
+            f"adapter in {directory} was trained on another base checkpoint "
+            f"(sha256 {str(base.get('sha256'))[:12]}…, this one is {base_sha256[:12]}…)"
+        )
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterError(f"{directory} has no {WEIGHTS_FILE}")
+    try:
+        return load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights} is not a readable safetensors file ({exc})") from None
+
+
 def load_adapter(
     directory: str | Path, model: SamModel, *, base_sha256: str | None, merge: bool = False
 ) -> Adapter:
@@ -333,21 +359,9 @@ def load_adapter(
     Raises:
         AdapterError: missing or corrupt files, unknown type, another base, or mismatched weights.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = read_adapter_config(directory)
-    base = config["base"]
-    if base.get("variant") != model.variant:
-        raise AdapterError(
-            f"adapter in {directory} was trained on a {base.get('variant')} base, not {model.variant}"
-        )
-    if base_sha256 is not None and base.get("sha256") != base_sha256:
-        raise AdapterError(
-            f"adapter in {directory} was trained on another base checkpoint "
-            f"(sha256 {str(base.get('sha256'))[:12]}…, this one is {base_sha256[:12]}…)"
-        )
+    _check_base(config, directory, model, base_sha256)
     cls = get_adapter_type(str(config["adapter_type"]))
     try:
         adapter = cls(**config["init_args"])
@@ -355,18 +369,27 @@ def load_adapter(
         raise AdapterError(
             f"{directory / CONFIG_FILE}: bad init_args for {cls.adapter_type} ({exc})"
         ) from None
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterError(f"{directory} has no {WEIGHTS_FILE}")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{weights} is not a readable safetensors file ({exc})") from None
+    state = _read_weights(directory)
     if "input_size" in config and int(config["input_size"]) != model.input_size:
         model.set_input_size(int(config["input_size"]))
     adapter.attach(model)
     adapter.to(next(model.parameters()).device)
-    adapter.load_saved_state(model, state, str(weights))
+    adapter.load_saved_state(model, state, str(directory / WEIGHTS_FILE))
     if merge:
         adapter.merge(model)
     return adapter
+
+
+def load_adapter_weights(
+    directory: str | Path, adapter: Adapter, model: SamModel, *, base_sha256: str | None
+) -> None:
+    """Copy the weights saved in ``directory`` into an ``adapter`` already attached to ``model``
+    (same type and shapes, same base), e.g. to validate or continue training a trained adapter."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    _check_base(config, directory, model, base_sha256)
+    if config["adapter_type"] != adapter.adapter_type:
+        raise AdapterError(
+            f"{directory} holds a {config['adapter_type']} adapter, not {adapter.adapter_type}"
+        )
+    adapter.load_saved_state(model, _read_weights(directory), str(directory / WEIGHTS_FILE))

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from samadapt.adapter import Adapter, save_adapter
+from samadapt.adapter import Adapter, load_adapter_weights, save_adapter
 from samadapt.checkpoint import load_model
 from samadapt.errors import InputError
 from samadapt.modeling import PromptBatch, SamModel
@@ -56,6 +56,9 @@ class SamTask(L.LightningModule):
         input_size: run a ViT base at another input size (e.g. 512 as SAMed); None keeps it.
         lr, weight_decay: AdamW settings (MedSAM: 1e-4, 0.01).
         activation_checkpointing: recompute encoder blocks in backward (less memory, slower).
+        init_from: an adapter folder (``adapter.safetensors`` + ``adapter.json``) of the same adapter
+            type and base whose weights start the adapter: to validate, test or predict with a trained
+            adapter, or to continue training it.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class SamTask(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["adapter"])
@@ -76,6 +80,8 @@ class SamTask(L.LightningModule):
         self.model.train()  # load_model returns eval mode; Lightning keeps each module's mode as found
         self.adapter = adapter
         adapter.attach(self.model)
+        if init_from:
+            load_adapter_weights(init_from, adapter, self.model, base_sha256=self.base_sha256)
         adapter.freeze_base(self.model)
         if activation_checkpointing:
             if not hasattr(self.model.image_encoder, "activation_checkpointing"):

@@ -192,3 +192,29 @@ def test_adapter_runs_on_volume_propagation(trained: Path, tiny_base: Path, tmp_
     assert "adapter lora" in proc.stdout
     source, result = read_volume(volume), read_volume(out)
     assert result.shape == source.shape and np.allclose(result.affine, source.affine)
+
+
+def test_validate_test_and_predict_a_trained_adapter(
+    trained: Path, tiny_base: Path, data_root: Path, tmp_path: Path
+) -> None:
+    common = [
+        "--config", REPO / "recipes/lora/litemedsam.yaml", "--model.base", tiny_base,
+        "--model.init_from", trained, "--data.root", data_root, "--data.batch_size", "2",
+        "--trainer.logger", "false", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
+        "--trainer.limit_predict_batches", "2",
+    ]  # fmt: skip
+    scores = {}
+    for command in ("validate", "test"):
+        proc = run_samadapt(command, *common, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found = re.search(rf"{'val' if command == 'validate' else 'test'}/dice\s*│\s*([\d.]+)", proc.stdout)
+        assert found, proc.stdout[-2000:]
+        scores[command] = float(found.group(1))
+    assert scores["validate"] == pytest.approx(scores["test"])  # the same held-out cases and prompts
+    proc = run_samadapt("predict", *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wrong = run_samadapt(
+        "validate", *common[:6], "--model.adapter.class_path", "samadapt.adapters.msa.MedicalSAMAdapter",
+        "--data.root", data_root, cwd=tmp_path,
+    )  # fmt: skip
+    assert wrong.returncode == 1 and "holds a lora adapter, not msa" in wrong.stderr
