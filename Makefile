@@ -44,6 +44,7 @@ bench: install-dev
 	$(PY) benchmarks/encoder_speed.py
 	$(PY) benchmarks/quality_2d.py
 	$(PY) benchmarks/volume_speed.py
+	$(PY) benchmarks/propagation_stop.py
 
 clean:
 	rm -rf build out .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,8 @@ Each recipe is trained by a separate process running exactly
 
     samadapt fit --config <repo>/recipes/<adapter>/<name>.yaml --data.root DIR --out DIR
                  --trainer.max_steps N --data.batch_size B
-                 --trainer.val_check_interval I --trainer.limit_val_batches V --trainer.enable_progress_bar false
+                 --trainer.val_check_interval I --trainer.limit_val_batches V
+                 --trainer.log_every_n_steps L --trainer.enable_progress_bar false
 
 (the recipe's own split: --data.val_fraction 0.2 holds out one of the three cases, chosen by the seed).
 Wall time and peak RSS are taken per child (os.wait4). Test set: the 30 held-out masks of
@@ -125,6 +126,7 @@ def train(
         "--trainer.max_steps", str(args.steps), "--data.batch_size", str(args.batch_size),
         "--trainer.val_check_interval", str(interval),
         "--trainer.limit_val_batches", str(args.val_batches),
+        "--trainer.log_every_n_steps", str(max(1, min(10, args.steps // 12))),
         "--trainer.enable_progress_bar", "false",
         *extra,
     ]  # fmt: skip
@@ -141,11 +143,18 @@ def train(
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"[{name}] samadapt fit failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    if not (out / "adapter.json").is_file():  # Lightning exits 0 after a SIGTERM, without exporting
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
+        raise SystemExit(
+            f"[{name}] samadapt fit wrote no adapter to {out} (stopped?); log {log_path}:\n{tail}"
+        )
     peak_mib = usage.ru_maxrss / 1024  # kilobytes on Linux
+    cpu_s = usage.ru_utime + usage.ru_stime
     config = json.loads((out / "adapter.json").read_text())
     training = config.get("training", {})
     print(
-        f"[{name}] {wall:.0f} s, peak RSS {peak_mib:.0f} MiB, {training.get('steps')} steps, "
+        f"[{name}] {wall:.0f} s ({cpu_s:.0f} CPU s), peak RSS {peak_mib:.0f} MiB, "
+        f"{training.get('steps')} steps, "
         f"weights: {training.get('weights')}, load average {load_before} -> {load_average()}",
         flush=True,
     )
@@ -153,6 +162,7 @@ def train(
         "recipe": recipe,
         "command": shown,
         "wall_s": round(wall, 1),
+        "cpu_s": round(cpu_s, 1),
         "peak_rss_mib": round(peak_mib),
         "trainable": int(config["parameters"]["trainable"]),
         "parameters": config["parameters"],
@@ -181,12 +191,36 @@ def evaluate(cases: list[oracles.MaskCase], adapter: Path | None) -> list[float]
     return [dices[c.name] for c in cases]
 
 
+def write_json(
+    args: argparse.Namespace,
+    cases: list[oracles.MaskCase],
+    before: list[float],
+    results: dict[str, dict[str, object]],
+) -> None:
+    names = [c.name for c in cases]
+    summary = {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "overrides": args.override,
+        "test_masks": len(cases),
+        "dice_before": float(np.mean(before)),
+        "per_mask_before": dict(zip(names, before, strict=True)),
+        "recipes": results,
+    }
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def parse_overrides(values: list[str]) -> dict[str, list[str]]:
     extra: dict[str, list[str]] = {name: [] for name in RECIPES}
     for value in values:
         name, sep, arg = value.partition("=")
         if not sep or name not in RECIPES:
-            raise SystemExit(f"--override wants RECIPE=ARG with RECIPE in {', '.join(RECIPES)}, got {value!r}")
+            raise SystemExit(
+                f"--override wants RECIPE=ARG with RECIPE in {', '.join(RECIPES)}, got {value!r}"
+            )
         extra[name].append(arg)
     return extra
 
@@ -196,14 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per recipe (default 60)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per step (default 4, the recipes')")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="samples per step (default 4, the recipes')"
+    )
     parser.add_argument(
         "--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), help="subset to train"
     )
     parser.add_argument("--val-checks", type=int, default=3, help="validations per run (default 3)")
-    parser.add_argument(
-        "--val-batches", type=int, default=8, help="validation batches per check (default 8)"
-    )
+    parser.add_argument("--val-batches", type=int, default=8, help="validation batches per check (default 8)")
     parser.add_argument(
         "--override", action="append", default=[], metavar="RECIPE=ARG",
         help="extra argument for one recipe's samadapt fit, e.g. lora=--model.lr=1e-4 (repeatable)",
@@ -241,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             run["per_mask_after"] = dict(zip((c.name for c in cases), after, strict=True))
             print(f"[{name}] mean Dice {run['dice_before']:.4f} -> {run['dice_after']:.4f}", flush=True)
             results[name] = run
+            if args.json:  # after every recipe, so a later failure keeps what was measured
+                write_json(args, cases, before, results)
     finally:
         if temp is not None:
             temp.cleanup()
 
     header = (
-        f"{'recipe':<30} {'Dice before':>11} {'after':>7} {'delta':>7} {'train s':>8} "
+        f"{'recipe':<30} {'Dice before':>11} {'after':>7} {'delta':>7} {'train s':>8} {'CPU s':>7} "
         f"{'peak MiB':>9} {'trainable':>10}"
     )
     print(f"\n{len(cases)} sam_med2d masks, tight boxes, fp32; {args.steps} steps x batch {args.batch_size}")
@@ -255,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in results.items():
         print(
             f"{RECIPES[name][1]:<30} {run['dice_before']:>11.4f} {run['dice_after']:>7.4f} "
-            f"{run['dice_after'] - run['dice_before']:>+7.4f} {run['wall_s']:>8.0f} "
+            f"{run['dice_after'] - run['dice_before']:>+7.4f} {run['wall_s']:>8.0f} {run['cpu_s']:>7.0f} "
             f"{run['peak_rss_mib']:>9,} {run['trainable']:>10,}"
         )
     if results:
@@ -265,24 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at end: {load_average()}")
 
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "cpu": cpu_model(),
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "steps": args.steps,
-                    "batch_size": args.batch_size,
-                    "overrides": args.override,
-                    "test_masks": len(cases),
-                    "dice_before": float(np.mean(before)),
-                    "per_mask_before": dict(zip((c.name for c in cases), before, strict=True)),
-                    "recipes": results,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        write_json(args, cases, before, results)
         print(f"wrote {args.json}")
     return 0
 

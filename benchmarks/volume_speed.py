@@ -63,7 +63,7 @@ def ours(image01: np.ndarray, box3d: tuple[int, ...], precision: str) -> tuple[n
     predictor = Predictor(load_model(verified_default_checkpoint()), precision=precision)
     roi = Roi.from_values(box3d, image01.shape)
     low, high = roi.slice_range("axial")
-    segmenter = VolumeSegmenter(predictor, image01, "axial", batch_size=2)
+    segmenter = VolumeSegmenter(predictor, image01, "axial", batch_size=2, stop="vanish")  # as the reference
     prompt = SlicePrompt((low + high) // 2, roi.plane_box("axial"))
     return segmenter.segment(prompt, roi), predictor.precision, segmenter.cached_slices
 

@@ -82,6 +82,20 @@ def register(sub: Any) -> None:
         "--batch-size", type=int, help="slices embedded per encoder call (default: 2 on CPU, 8 on CUDA)"
     )
     vol.add_argument("--no-progress", action="store_true")
+    vol.add_argument(
+        "--stop",
+        choices=("auto", "vanish"),
+        default="auto",
+        help="where propagation ends: auto (default: when the mask's predicted IoU, box contact or overlap "
+        "with the previous slice says the object ended) or vanish (only when the mask is empty)",
+    )
+    vol.add_argument("--max-slices", type=int, metavar="N", help="propagate at most N slices each way")
+    vol.add_argument(
+        "--verbose", action="store_true", help="print every visited slice's stop signals, and why it stopped"
+    )
+    vol.add_argument(
+        "--report", metavar="FILE.json", help="write every visited slice's stop signals per object as JSON"
+    )
     add_model_args(seg)
 
 

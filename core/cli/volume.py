@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from samadapt.cli.common import attachment_note, load_predictor
 from samadapt.errors import InputError
+
+if TYPE_CHECKING:
+    from samadapt.domains.medical.stopping import PropagationReport
 
 
 def segment_volume(args: argparse.Namespace) -> int:
@@ -41,6 +46,15 @@ def segment_volume(args: argparse.Namespace) -> int:
         raise InputError("give either --preset or --window, not both")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    max_slices = getattr(args, "max_slices", None)
+    if max_slices is not None and max_slices < 0:
+        raise InputError(f"--max-slices must be 0 or more, got {max_slices}")
+    report_path = Path(args.report) if getattr(args, "report", None) else None
+    if report_path is not None:
+        if report_path.suffix.lower() != ".json":
+            raise InputError(f"--report must end in .json: {report_path.name}")
+        if not report_path.parent.exists():
+            raise InputError(f"--report folder does not exist: {report_path.parent}")
     volume = require_3d(read_volume(args.input, channel=args.channel))
     roi = Roi.from_values(args.roi, volume.shape) if args.roi else None
     slice_value: float | None = args.slice
@@ -78,8 +92,20 @@ def segment_volume(args: argparse.Namespace) -> int:
         total=total, desc="embedding slices", unit="slice", disable=args.no_progress, leave=False
     ) as bar:
         batch_size = args.batch_size or (8 if predictor.device.type == "cuda" else 2)
-        segmenter = VolumeSegmenter(predictor, image, args.axis, batch_size=batch_size, progress=bar.update)
-        masks = [(p.label, segmenter.segment(p, roi)) for p in prompts]
+        segmenter = VolumeSegmenter(
+            predictor,
+            image,
+            args.axis,
+            batch_size=batch_size,
+            progress=bar.update,
+            stop=getattr(args, "stop", "auto"),
+            max_slices=max_slices,
+        )
+        masks: list[tuple[int, np.ndarray]] = []
+        reports: list[PropagationReport | None] = []
+        for p in prompts:
+            masks.append((p.label, segmenter.segment(p, roi)))
+            reports.append(segmenter.last_report)
     seconds = time.perf_counter() - start
     labelmap = combine_labels(masks, volume.shape)
     write_volume(output, labelmap, volume, labels=names)
@@ -92,14 +118,55 @@ def segment_volume(args: argparse.Namespace) -> int:
         images.write_overlay(
             args.overlay, images.overlay((plane * 255).astype(np.uint8), shown, drawn, pts, min_size=512)
         )
+    if report_path is not None:
+        _write_report(report_path, args, preset, names, reports)
     in_plane = tuple(a for a in range(3) if a != AXES[args.axis])
-    for value, mask in masks:
+    for (value, mask), report in zip(masks, reports, strict=True):
+        if getattr(args, "verbose", False) and report is not None:
+            print(
+                f"label {value} ({names[value]}): stop signals, {args.axis} slices from {report.prompt_slice}"
+            )
+            print(report.table())
         reached = np.flatnonzero(mask.any(axis=in_plane))
         span = f"slices {reached[0]}..{reached[-1]}" if reached.size else "empty"
-        print(f"label {value}: {int(mask.sum())} voxels, {span}")
+        ends = ""
+        if report is not None and report.ends:
+            ends = (
+                " (ended " + "; ".join(f"{d:+d}: {report.ends[d]}" for d in (1, -1) if d in report.ends) + ")"
+            )
+        print(f"label {value}: {int(mask.sum())} voxels, {span}{ends}")
     print(
         f"{output}: {len(prompts)} object(s) from {args.axis} slice {index} ({described}, preset "
         f"{preset or 'window ' + str(args.window)}, {segmenter.cached_slices} slices embedded, "
         f"{seconds:.1f} s)"
     )
     return 0
+
+
+def _write_report(
+    path: Path,
+    args: argparse.Namespace,
+    preset: str | None,
+    names: dict[int, str],
+    reports: Sequence[PropagationReport | None],
+) -> None:
+    """The per-slice stop signals of every object as JSON (written atomically)."""
+    import json
+
+    from samadapt.domains.images import atomic_write
+
+    document = {
+        "input": str(args.input),
+        "axis": args.axis,
+        "preset": preset,
+        "stop": getattr(args, "stop", "auto"),
+        "max_slices": getattr(args, "max_slices", None),
+        "roi": list(args.roi) if args.roi else None,
+        "objects": [{"name": names.get(r.label), **r.to_dict()} for r in reports if r is not None],
+    }
+    text = json.dumps(document, indent=1) + "\n"
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+
+    atomic_write(path, write)

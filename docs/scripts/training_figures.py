@@ -55,7 +55,9 @@ def predict(cases: list[oracles.MaskCase], adapter: Path | None) -> dict[str, np
     return out
 
 
-def overlay(ax, image: np.ndarray, masks: list[np.ndarray], boxes: list[np.ndarray] | None, title: str) -> None:
+def overlay(
+    ax, image: np.ndarray, masks: list[np.ndarray], boxes: list[np.ndarray] | None, title: str
+) -> None:
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[:, :3]
     shown = image.astype(np.float32) / 255.0
     for n, mask in enumerate(masks):
@@ -123,7 +125,9 @@ def curve(path: Path, label: str, target: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--keep", type=Path, required=True, help="the --keep folder of finetune_2d.py")
     parser.add_argument("--json", type=Path, required=True, help="the --json file of finetune_2d.py")
     parser.add_argument("--recipe", choices=list(finetune_2d.RECIPES), help="default: best mean Dice after")

@@ -1,10 +1,12 @@
 """Slice-by-slice propagation of a 2D prompt through a volume (LiteMedSAM's 3D inference, faster).
 
 The prompted slice is segmented from the user's box/points; every next slice, up and down, is
-prompted by the previous slice's mask box plus a small margin, until the mask vanishes or leaves the
-3D region of interest. Slices are embedded in batches ahead of the front (bf16 where supported) and
-each embedding is computed once and cached, so re-prompting a slice re-runs only the cheap decoder
-from there on.
+prompted by the previous slice's mask box plus a small margin, until the stop rule says the object
+has ended (:mod:`~samadapt.domains.medical.stopping`: by default from the predicted IoU, the mask's
+contact with its box and its overlap with the previous slice's mask), the mask vanishes, it leaves
+the 3D region of interest, or a cap on the slices per direction is reached. Slices are
+embedded in batches ahead of the front (bf16 where supported) and each embedding is computed once
+and cached, so re-prompting a slice re-runs only the cheap decoder from there on.
 
 Coordinates follow the IJK convention of NIfTI, ITK and 3D Slicer. A slice is shown as a 2D image
 whose X is the first in-plane voxel axis and Y the second: axial (slice k): X = i, Y = j;
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from samadapt.domains.medical.stopping import PropagationReport, SliceSignals, StopRule, measure
 from samadapt.errors import InputError
-from samadapt.predictor import ImageEmbedding, Predictor
+from samadapt.predictor import ImageEmbedding, Prediction, Predictor
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -132,6 +135,12 @@ class VolumeSegmenter:
         batch_size: slices embedded per encoder call.
         margin: box margin in encoder-frame pixels (LiteMedSAM's reference uses 3 at 256).
         progress: called with the number of slices just embedded (e.g. a tqdm ``update``).
+        stop: when an object ends: a :class:`StopRule`, or ``auto`` (default rule) or ``vanish`` (run
+            until the mask is empty, the behaviour before stop rules).
+        max_slices: most slices propagated in each direction (None: no cap); overrides ``stop``'s.
+
+    After :meth:`segment` or :meth:`reprompt`, :attr:`last_report` holds the per-slice signals of
+    that object's propagation (:class:`PropagationReport`).
     """
 
     def __init__(
@@ -143,6 +152,8 @@ class VolumeSegmenter:
         batch_size: int = 8,
         margin: float = 3.0,
         progress: Callable[[int], object] | None = None,
+        stop: StopRule | str = "auto",
+        max_slices: int | None = None,
     ) -> None:
         if axis not in AXES:
             raise InputError(f"unknown axis {axis!r}; choose from {', '.join(AXES)}")
@@ -156,6 +167,9 @@ class VolumeSegmenter:
         self.plane = plane_size(image.shape, axis)
         self.margin = margin * max(self.plane) / predictor.profile.input_size
         self.progress = progress
+        rule = StopRule.named(stop) if isinstance(stop, str) else stop
+        self.stop = rule.with_max_slices(max_slices) if max_slices is not None else rule
+        self.last_report: PropagationReport | None = None
         self._cache: dict[int, ImageEmbedding] = {}
 
     # ------------------------------------------------------------------ embeddings
@@ -193,20 +207,37 @@ class VolumeSegmenter:
 
     def segment_slice(self, prompt: SlicePrompt) -> np.ndarray:
         """(rows, cols) bool mask of the prompted slice."""
+        return self._prompted(prompt).masks[0, 0]
+
+    def _prompted(self, prompt: SlicePrompt) -> Prediction:
         self._check_prompt(prompt)
         emb = self.embedding(prompt.slice_index)
         coords = np.array([[x, y] for x, y, _ in prompt.points]) if prompt.points else None
         labels = np.array([lab for _, _, lab in prompt.points]) if prompt.points else None
-        result = self.predictor.predict(
+        return self.predictor.predict(
             point_coords=coords, point_labels=labels, boxes=prompt.box, embedding=emb
         )
-        return result.masks[0, 0]
 
     def _decode_box(
         self, index: int, box: tuple[float, float, float, float], direction: int, stop: int
-    ) -> np.ndarray:
+    ) -> Prediction:
         emb = self.embedding(index, direction, stop)
-        return self.predictor.predict(boxes=box, embedding=emb).masks[0, 0]
+        return self.predictor.predict(boxes=box, embedding=emb)
+
+    def _first(self, prompt: SlicePrompt, roi: Roi | None) -> tuple[np.ndarray, PropagationReport]:
+        """The prompted slice's mask (cut to the ROI's rectangle) and a report holding its row."""
+        prediction = self._prompted(prompt)
+        first = prediction.masks[0, 0]
+        if roi is not None:
+            first = first & _plane_mask(self.plane, roi.plane_box(self.axis))
+        report = PropagationReport(self.axis, prompt.slice_index, self.stop.thresholds(), label=prompt.label)
+        limit = roi.plane_box(self.axis) if roi is not None else None
+        row = _signals(prompt.slice_index, 0, first, None, prompt.box, prediction, None, limit)
+        if not first.any():
+            row.kept, row.reason = False, "vanished"
+        report.rows.append(row)
+        self.last_report = report
+        return first, report
 
     def propagate(
         self,
@@ -215,11 +246,23 @@ class VolumeSegmenter:
         direction: int,
         roi: Roi | None = None,
         out: np.ndarray | None = None,
+        report: PropagationReport | None = None,
+        start_score: float | None = None,
     ) -> dict[int, np.ndarray]:
-        """Propagate from slice ``start`` (whose mask is given) one way until the mask vanishes.
+        """Propagate from slice ``start`` (whose mask is given) one way until the object ends.
+
+        It ends where the stop rule (:attr:`stop`) rejects a slice's mask, the mask vanishes, the
+        ROI or the volume ends, or after ``max_slices`` slices.
+
+        Args:
+            report: if given, every visited slice's signals are appended to its rows and the reason
+                propagation ended is recorded in its ``ends``.
+            start_score: the predicted IoU of the start slice's mask, the first reference of the
+                score ratio (None: the report's first row if it has one, else the first propagated
+                slice's own score).
 
         Returns:
-            {slice index: (rows, cols) bool mask} for the slices it reached (``start`` excluded).
+            {slice index: (rows, cols) bool mask} for the slices it kept (``start`` excluded).
         """
         low, high = roi.slice_range(self.axis) if roi else (0, self.num_slices - 1)
         limit = roi.plane_box(self.axis) if roi else None
@@ -227,20 +270,40 @@ class VolumeSegmenter:
         masks: dict[int, np.ndarray] = {}
         previous = start_mask
         index = start + direction
+        cap = self.stop.max_slices
+        if start_score is None and report is not None and report.rows:
+            start_score = report.rows[0].score
+        best = start_score
+        ended = ""
         while low <= index <= high:
+            if cap is not None and len(masks) >= cap:
+                ended = f"max-slices {cap}"
+                break
             box = mask_box(previous, self.margin)
             if box is not None and limit is not None:
                 box = clip_box(box, limit)
             if box is None:
+                ended = "vanished"
                 break
-            mask = self._decode_box(index, box, direction, stop)
+            prediction = self._decode_box(index, box, direction, stop)
+            mask = prediction.masks[0, 0]
             if limit is not None:
                 mask = mask & _plane_mask(self.plane, limit)
-            if not mask.any():
+            signals = _signals(index, direction, mask, previous, box, prediction, best, limit)
+            reason = self.stop.reason(signals)
+            if report is not None:
+                report.rows.append(signals)
+            if reason:
+                signals.kept, signals.reason, ended = False, reason, reason
                 break
             masks[index] = mask
             previous = mask
+            best = signals.score if best is None else max(best, signals.score)
             index += direction
+        if not ended:  # left the slice range: the ROI's end if the volume goes on, else the volume's
+            ended = "roi edge" if 0 <= index < self.num_slices else "volume edge"
+        if report is not None:
+            report.ends[direction] = ended
         return masks
 
     def segment(self, prompt: SlicePrompt, roi: Roi | None = None) -> np.ndarray:
@@ -251,14 +314,15 @@ class VolumeSegmenter:
             if not low <= prompt.slice_index <= high:
                 raise InputError(f"slice {prompt.slice_index} is outside --roi (slices {low}..{high})")
         result = np.zeros(self.image.shape, dtype=bool)
-        first = self.segment_slice(prompt)
-        if roi is not None:
-            first &= _plane_mask(self.plane, roi.plane_box(self.axis))
+        first, report = self._first(prompt, roi)
         put_slice(result, self.axis, prompt.slice_index, first)
         if not first.any():
+            report.ends = {1: "vanished", -1: "vanished"}
             return result
         for direction in (1, -1):
-            for index, mask in self.propagate(first, prompt.slice_index, direction, roi).items():
+            for index, mask in self.propagate(
+                first, prompt.slice_index, direction, roi, report=report
+            ).items():
                 put_slice(result, self.axis, index, mask)
         return result
 
@@ -273,7 +337,7 @@ class VolumeSegmenter:
         if direction not in (1, -1):
             raise InputError("direction must be +1 (towards higher slice indexes) or -1")
         result = current.copy()
-        first = self.segment_slice(prompt)
+        first, report = self._first(prompt, None)
         axis = AXES[self.axis]
         index_tuple: list[slice] = [slice(None)] * 3
         if direction > 0:
@@ -282,10 +346,30 @@ class VolumeSegmenter:
             index_tuple[axis] = slice(None, prompt.slice_index + 1)
         result[tuple(index_tuple)] = False
         put_slice(result, self.axis, prompt.slice_index, first)
-        if first.any():
-            for index, mask in self.propagate(first, prompt.slice_index, direction, roi).items():
+        if not first.any():
+            report.ends = {direction: "vanished"}
+        else:
+            for index, mask in self.propagate(
+                first, prompt.slice_index, direction, roi, report=report
+            ).items():
                 put_slice(result, self.axis, index, mask)
         return result
+
+
+def _signals(
+    index: int,
+    direction: int,
+    mask: np.ndarray,
+    previous: np.ndarray | None,
+    box: tuple[float, float, float, float] | None,
+    prediction: Prediction,
+    best_score: float | None = None,
+    limit: tuple[float, float, float, float] | None = None,
+) -> SliceSignals:
+    logits = prediction.low_res_logits
+    low_res = logits[0, 0].detach().cpu().numpy() if logits is not None and logits.ndim == 4 else None
+    score = float(prediction.scores[0, 0])
+    return measure(index, direction, mask, previous, box, score, low_res, best_score, limit)
 
 
 def _plane_mask(plane: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
