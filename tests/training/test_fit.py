@@ -144,7 +144,7 @@ def test_resume_from_the_last_checkpoint(tiny_base: Path, data_root: Path, tmp_p
     common = [
         "fit", "--config", REPO / "recipes/medsam/decoder.yaml", "--model.base", tiny_base,
         "--data.root", data_root, "--data.batch_size", "2", "--data.max_samples", "4",
-        "--trainer.log_every_n_steps", "1", "--trainer.max_epochs", "1",
+        "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2", "--trainer.max_epochs", "1",
     ]  # fmt: skip
     first = run_samadapt(*common, "--out", tmp_path / "a", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
