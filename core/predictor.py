@@ -12,7 +12,7 @@ import torch
 
 from samadapt.errors import InputError
 from samadapt.modeling import EncoderOutput, PromptBatch, SamModel
-from samadapt.precision import autocast, resolve_precision
+from samadapt.precision import PrecisionPlan, plan_precision
 from samadapt.preprocess import postprocess_logits, preprocess
 
 
@@ -67,15 +67,23 @@ class Predictor:
         model: a loaded :class:`SamModel`, with any adapter attached. It is moved to ``device`` (with
             channels-last weights); every call runs it in eval mode and restores its training flag.
         device: ``cpu``, ``cuda``, ``auto`` or a torch device.
-        precision: ``auto`` (bf16 on CPUs with bf16 support, fp16/bf16 on CUDA, else fp32), ``bf16``,
-            ``fp16`` (CUDA) or ``fp32``. The encoder runs at this precision; the light decoder in fp32.
+        precision: ``auto``, ``bf16``, ``fp16`` (CUDA) or ``fp32``. The encoder runs at this precision;
+            the light decoder in fp32. ``auto`` is the fastest plan that keeps fp32 masks on this machine
+            (:mod:`samadapt.autoprecision`): bf16 in the quality-checked parts of the encoder where that
+            is measurably faster (``precision`` then reads ``bf16-partial``), else fp32.
+
+    Attributes:
+        precision: the precision used: ``fp32``, ``bf16``, ``fp16`` or ``bf16-partial``.
+        precision_plan: the :class:`~samadapt.precision.PrecisionPlan` behind it: which encoder modules
+            run in bf16 (``modules``, ``parts``) and why (``reason``).
     """
 
     def __init__(self, model: SamModel, device: str | torch.device | None = "cpu", precision: str = "auto"):
         self.device = pick_device(device)
         # channels-last convolutions are ~25% faster on CPU (oneDNN) and on CUDA tensor cores
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision_plan: PrecisionPlan = plan_precision(precision, self.device, self.model)
+        self.precision = self.precision_plan.precision
         self._current: ImageEmbedding | None = None
         self.last_encode_seconds = 0.0
 
@@ -99,11 +107,11 @@ class Predictor:
         """Preprocessed (B, 3, S, S) images -> float32 embeddings (B, 256, 64, 64) and features.
 
         Runs the encoder as every predictor call does: inference mode, channels-last memory and the
-        resolved precision (bf16/fp16 autocast, or fp32). Keeps the features the model's adapters
-        asked for.
+        precision plan (bf16/fp16 autocast over the whole encoder or over the planned parts, or fp32).
+        Keeps the features the model's adapters asked for.
         """
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        with self._evaluating(), autocast(self.precision, self.device):
+        with self._evaluating(), self.precision_plan.applied(self.model, self.device):
             encoded = self.model.encode(batch)
         return EncoderOutput(
             encoded.embedding.float(),

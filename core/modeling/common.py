@@ -91,6 +91,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
+def _fused_linear(x: torch.Tensor) -> bool:
+    """oneDNN's linear (+ activation) kernel for ``x``: CPU inference in fp32 or bf16, when it exists."""
+    return (
+        use_fused_cpu_kernels(x)
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and compute_dtype(x) in (torch.float32, torch.bfloat16)
+    )
+
+
 def linear(layer: nn.Module, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
     """``activation(layer(x))`` for ``activation`` in none/gelu/relu.
 
@@ -98,19 +107,30 @@ def linear(layer: nn.Module, x: torch.Tensor, activation: str = "none") -> torch
     about twice as fast as ``F.linear`` for SAM's shapes on this kind of CPU, same result to float
     rounding. Any other module (an adapter's LoRA wrapper, say) is simply called.
     """
-    if (
-        type(layer) is nn.Linear
-        and use_fused_cpu_kernels(x)
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and compute_dtype(x) in (torch.float32, torch.bfloat16)
-    ):
+    if type(layer) is nn.Linear and _fused_linear(x):
+        return linear_weights(x, layer.weight, layer.bias, activation)
+    y = layer(x)
+    if activation == "gelu":
+        return F.gelu(y)
+    return F.relu(y) if activation == "relu" else y
+
+
+def linear_weights(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"
+) -> torch.Tensor:
+    """``activation(x @ weight.T + bias)``, through oneDNN with the activation fused in when it can.
+
+    For weights that are not an ``nn.Linear``'s (a transposed convolution's, rearranged): oneDNN at
+    CPU inference in fp32/bf16 (see :func:`use_fused_cpu_kernels`), else ``F.linear``.
+    """
+    if _fused_linear(x):
         dtype = compute_dtype(x)
-        bias = layer.bias.to(dtype) if layer.bias is not None else None
+        bias = bias.to(dtype) if bias is not None else None
         algorithm = "none" if activation == "gelu" else ""
         return torch.ops.mkldnn._linear_pointwise(
-            x.to(dtype), layer.weight.to(dtype), bias, activation, [], algorithm
+            x.to(dtype), weight.to(dtype), bias, activation, [], algorithm
         )
-    y = layer(x)
+    y = F.linear(x, weight, bias)
     if activation == "gelu":
         return F.gelu(y)
     return F.relu(y) if activation == "relu" else y

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from samadapt.modeling.common import MLP, LayerNorm2d
+from samadapt.modeling.common import MLP, LayerNorm2d, linear_weights, use_fused_cpu_kernels
+from samadapt.modeling.transformer import SharedImage, TwoWayTransformer
 
 
 class MaskDecoder(nn.Module):
@@ -50,6 +54,13 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        # (the embedding it was computed for, what else it depends on, the first block's image side)
+        self._shared: tuple[weakref.ref[torch.Tensor], tuple, SharedImage | None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_shared"] = None  # an inference cache (and a weak reference): never pickled or copied
+        return state
 
     def forward(
         self,
@@ -73,11 +84,11 @@ class MaskDecoder(nn.Module):
         Returns:
             (low-res mask logits (B, K, 4H, 4W), IoU predictions (B, K)); K = 3 or 1.
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         selected = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, selected], iou_pred[:, selected]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, selected
+        )
+        return masks, iou_pred[:, selected]
 
     def predict_masks(
         self,
@@ -85,26 +96,140 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        mask_tokens: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All mask tokens: (B, num_mask_tokens, 4H, 4W) logits and (B, num_mask_tokens) IoU."""
+        """Logits (B, K, 4H, 4W) of the mask tokens ``mask_tokens`` (all by default) and IoU (B, all)."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.shape[0], -1, -1)
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings.to(output_tokens.dtype)], dim=1)
         batch = tokens.shape[0]
-        src = image_embeddings
-        if src.shape[0] != batch:
-            src = torch.repeat_interleave(src, batch, dim=0)
-        src = src + dense_prompt_embeddings
         pos_src = image_pe.expand(batch, -1, -1, -1)  # a view: the same encoding for every prompt
-        chans, height, width = src.shape[1:]
-        hs, src = self.transformer(src, pos_src, tokens)
+        chans, height, width = image_embeddings.shape[1:]
+        shared = self._shared_image(image_embeddings, image_pe, dense_prompt_embeddings)
+        if shared is not None:
+            hs, keys = self.transformer(image_embeddings, pos_src, tokens, shared=shared)
+        else:
+            src = image_embeddings
+            if src.shape[0] != batch:
+                src = torch.repeat_interleave(src, batch, dim=0)
+            src = src + dense_prompt_embeddings
+            hs, keys = self.transformer(src, pos_src, tokens)  # keys: (B, H*W, C)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        src = src.transpose(1, 2).reshape(batch, chans, height, width)
-        upscaled = self.output_upscaling(src)  # (B, C/8, 4H, 4W)
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+            [
+                self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
+                for i in range(self.num_mask_tokens)[mask_tokens]
+            ],
+            dim=1,
         )  # (B, K, C/8)
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        if self._fast_upscaling(keys):
+            masks = self._upscale_tokens(keys, hyper_in, height, width)
+        else:
+            upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(batch, chans, height, width))
+            b, c, h, w = upscaled.shape  # (B, C/8, 4H, 4W)
+            masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def _shared_image(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> SharedImage | None:
+        """The first two-way block's image side for this image, from its second prompt on.
+
+        Interactive use prompts one cached embedding many times; without a mask prompt the first block
+        sees the same image tokens every time, so their projections are computed once and kept (for the
+        last image only, through a weak reference to its embedding). The first prompt on an image runs
+        the plain path, so an image prompted once (a slice during volume propagation) pays nothing.
+        CPU inference only (:meth:`TwoWayTransformer.can_share_image`), one image, and a dense prompt
+        that is the same everywhere (the learned "no mask" embedding).
+        """
+        transformer = self.transformer
+        if (
+            image_embeddings.shape[0] != 1
+            or image_pe.shape[0] != 1
+            or dense.stride(2) != 0
+            or dense.stride(3) != 0
+            or (dense.shape[0] > 1 and dense.stride(0) != 0)
+            or not isinstance(transformer, TwoWayTransformer)
+            or not transformer.can_share_image(image_embeddings)
+        ):
+            return None
+        dense_vector = dense[:1, :, :1, :1]
+        first_block = list(transformer.layers[0].parameters())
+        inputs = (image_pe, dense_vector, *first_block)
+        depends = (
+            *((t.data_ptr(), tuple(t.shape), _version(t)) for t in inputs),
+            (_version(image_embeddings), image_embeddings.device),
+        )
+        cached = self._shared
+        if cached is None or cached[0]() is not image_embeddings or cached[1] != depends:
+            self._shared = (weakref.ref(image_embeddings), depends, None)  # first prompt: plain path
+            return None
+        shared = cached[2]
+        if shared is None:
+            shared = transformer.share_image(image_embeddings + dense_vector, image_pe)
+            self._shared = (cached[0], depends, shared)
+        return shared
+
+    # At CPU inference the upscaling runs on the transformer's (B, H*W, C) tokens as it comes out:
+    # each 2x2 stride-2 transposed convolution is one matrix product (oneDNN, the GELU fused in) whose
+    # output rows are the 4 sub-pixels, LayerNorm2d is a LayerNorm over the last axis, and only the K
+    # requested masks are rearranged into image order. Same numbers to float rounding, no NCHW copies.
+    def _fast_upscaling(self, keys: torch.Tensor) -> bool:
+        layers = list(self.output_upscaling)
+        kinds = (nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU)
+        if not use_fused_cpu_kernels(keys) or len(layers) != 5:
+            return False
+        if any(type(layer) is not kind for layer, kind in zip(layers, kinds, strict=True)):
+            return False
+        if any(getattr(layer, "approximate", "none") != "none" for layer in layers):
+            return False
+        return all(_is_2x2_upsampler(layer) for layer in (layers[0], layers[3]))
+
+    def _upscale_tokens(
+        self, keys: torch.Tensor, hyper_in: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        """keys (B, H*W, C), hyper_in (B, K, C/8) -> mask logits (B, K, 4H, 4W)."""
+        first, norm, _, second, _ = self.output_upscaling  # kinds checked by _fast_upscaling
+        assert isinstance(first, nn.ConvTranspose2d) and isinstance(second, nn.ConvTranspose2d)
+        assert isinstance(norm, LayerNorm2d)
+        batch, masks = keys.shape[0], hyper_in.shape[1]
+        x = linear_weights(keys, *_as_linear(first)).view(batch, height * width * 4, -1)  # (B, 4HW, C/4)
+        x = F.gelu(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        x = linear_weights(x, *_as_linear(second), "gelu").view(batch, height * width * 16, -1)
+        logits = x @ hyper_in.transpose(1, 2)  # (B, 16HW, K); rows: h, w, kh1, kw1, kh2, kw2
+        # (B, H, W, kh1, kw1, kh2, kw2, K) -> (B, K, H, kh1, kh2, W, kw1, kw2): row 4h + 2 kh1 + kh2
+        logits = logits.view(batch, height, width, 2, 2, 2, 2, masks).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return logits.reshape(batch, masks, 4 * height, 4 * width)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place version counter of ``tensor`` (-1 for inference tensors, which have none)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return -1
+
+
+def _is_2x2_upsampler(layer: nn.Module) -> bool:
+    """A ConvTranspose2d with kernel 2, stride 2, no padding, groups or dilation, and a bias."""
+    return (
+        isinstance(layer, nn.ConvTranspose2d)
+        and layer.kernel_size == (2, 2)
+        and layer.stride == (2, 2)
+        and layer.padding == (0, 0)
+        and layer.output_padding == (0, 0)
+        and layer.dilation == (1, 1)
+        and layer.groups == 1
+        and layer.bias is not None
+    )
+
+
+def _as_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2x2 stride-2 transposed convolution as a linear layer: weight (4 * C_out, C_in), bias (4 * C_out,).
+
+    Output row ``(kh * 2 + kw) * C_out + c`` is channel ``c`` of sub-pixel ``(kh, kw)``.
+    """
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.weight.shape[0])  # (kh, kw, out) x in
+    assert conv.bias is not None
+    return weight, conv.bias.repeat(4)

@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.modeling.common import MLPBlock, linear
+from samadapt.modeling.common import MLPBlock, linear, use_fused_cpu_kernels
+
+
+@dataclass(frozen=True)
+class SharedImage:
+    """The prompt-independent image side of the first two-way block, for one image.
+
+    Without a mask prompt every prompt on an image sees the same image tokens in the first block, so
+    an interactive session (one image, many prompts) computes these once; see
+    :meth:`TwoWayTransformer.share_image`.
+
+    Attributes:
+        keys: (1, HW, C) image tokens (the embedding plus the dense "no mask" prompt).
+        keys_pe: (1, HW, C) ``keys`` plus the positional encoding.
+        t2i_keys, t2i_values: (1, heads, HW, head_dim) the token->image attention's projections.
+        i2t_queries: (1, heads, head_dim, HW) the image->token attention's scaled query projection.
+    """
+
+    keys: torch.Tensor
+    keys_pe: torch.Tensor
+    t2i_keys: torch.Tensor
+    t2i_values: torch.Tensor
+    i2t_queries: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -30,6 +54,12 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C)."""
+        if self._factorizable(q):
+            heads_q, heads_k = self.num_heads * q.shape[1], self.num_heads * k.shape[1]
+            if k.shape[1] > q.shape[1] and heads_q < self.internal_dim:
+                return self._few_queries(q, k, v)
+            if q.shape[1] > k.shape[1] and heads_k < self.internal_dim:
+                return self._few_keys(q, k, v)
         # ``linear`` runs a plain nn.Linear through oneDNN at CPU inference; a wrapped one (LoRA) as is
         out = F.scaled_dot_product_attention(
             self._split(linear(self.q_proj, q)),
@@ -38,6 +68,107 @@ class Attention(nn.Module):
         )
         batch, heads, tokens, head_dim = out.shape
         return linear(self.out_proj, out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+
+    # The decoder's cross attentions pair the 4096 image tokens with about 7 prompt tokens. At CPU
+    # inference the projections of the many tokens are folded into the few: the same attention (equal
+    # up to float rounding) with a third of the multiply-adds. Never with autograd, a tracer, an
+    # adapter's wrapped projection or the fused-kernel switch off (the plain path above runs then).
+    def _factorizable(self, q: torch.Tensor) -> bool:
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
+        return use_fused_cpu_kernels(q) and all(
+            type(p) is nn.Linear and p.bias is not None for p in projections
+        )
+
+    def _head_weights(self, layer: nn.Linear) -> torch.Tensor:
+        """(internal, C) projection weight -> (heads, head_dim, C)."""
+        return layer.weight.view(self.num_heads, -1, layer.weight.shape[-1])
+
+    def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Few queries, many keys (tokens -> image): the keys and values are never projected.
+
+        Per head h, ``q_h k_proj_h(x)^T = (q_h W_kh) x^T + q_h b_kh``; the last term is the same for every
+        key, so softmax drops it. ``softmax @ v_proj_h(x) = (softmax @ x) W_vh^T + b_vh`` since each
+        softmax row sums to 1. q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C).
+        """
+        batch, queries, _ = q.shape
+        heads = self.num_heads
+        head_dim = self.internal_dim // heads
+        q_heads = linear(self.q_proj, q).view(batch, queries, heads, head_dim).transpose(1, 2)
+        folded = (q_heads * head_dim**-0.5) @ self._head_weights(self.k_proj)  # (B, H, Nq, C)
+        scores = folded.reshape(batch, heads * queries, -1) @ k.transpose(1, 2)  # (B, H*Nq, Nk)
+        mixed = (scores.softmax(dim=-1) @ v).view(batch, heads, queries, -1)  # (B, H, Nq, C)
+        values = mixed @ self._head_weights(self.v_proj).transpose(1, 2)  # (B, H, Nq, head_dim)
+        assert self.v_proj.bias is not None
+        values = values + self.v_proj.bias.view(heads, 1, head_dim)
+        return linear(self.out_proj, values.transpose(1, 2).reshape(batch, queries, self.internal_dim))
+
+    def _few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Many queries, few keys (image -> tokens): the queries and outputs are never projected.
+
+        Per head h, ``q_proj_h(x) k_h^T = x (W_qh^T k_h^T) + b_qh k_h^T``, and the output projection of
+        ``softmax_h @ v_h`` is ``softmax_h @ (v_h W_oh^T)``, summed over heads, plus ``b_o``.
+        q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C).
+        """
+        batch, queries, chans = q.shape
+        keys = k.shape[1]
+        heads = self.num_heads
+        head_dim = self.internal_dim // heads
+        k_heads = linear(self.k_proj, k).view(batch, keys, heads, head_dim).transpose(1, 2)
+        v_heads = linear(self.v_proj, v).view(batch, keys, heads, head_dim).transpose(1, 2)
+        k_heads = k_heads * head_dim**-0.5  # (B, H, Nk, head_dim)
+        assert self.q_proj.bias is not None
+        folded = (k_heads @ self._head_weights(self.q_proj)).reshape(batch, heads * keys, chans)
+        offset = (k_heads @ self.q_proj.bias.view(heads, head_dim, 1)).reshape(batch, heads * keys, 1)
+        # scores transposed, (B, H*Nk, Nq): softmax over a short middle axis is ~20x faster on the CPU
+        # than over a short last one
+        scores = torch.baddbmm(offset, folded, q.transpose(1, 2))
+        weights = scores.view(batch, heads, keys, queries).softmax(dim=2).view(batch, heads * keys, queries)
+        return self._mix_heads(weights, v_heads)
+
+    def _mix_heads(self, weights: torch.Tensor, v_heads: torch.Tensor) -> torch.Tensor:
+        """Output projection of many queries over few values, per head, then summed.
+
+        weights (B, H*Nk, Nq): each head's softmax over its Nk keys (axis 1); v_heads (B, H, Nk, hd).
+        Returns (B, Nq, C).
+        """
+        batch, heads, keys, head_dim = v_heads.shape
+        chans = self.out_proj.weight.shape[0]
+        out_weight = self.out_proj.weight.view(chans, heads, head_dim).permute(1, 2, 0)  # (H, hd, C)
+        assert self.out_proj.bias is not None
+        # each head's softmax rows sum to 1, so bias / H on every row of every head adds up to the bias
+        # (and the big product needs no bias broadcast into its output first)
+        outputs = v_heads @ out_weight + self.out_proj.bias / heads  # (B, H, Nk, C)
+        return weights.transpose(1, 2) @ outputs.view(batch, heads * keys, chans)  # (B, Nq, C)
+
+    def project_heads(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) tokens through ``layer`` (q/k/v_proj) -> (B, heads, N, head_dim)."""
+        batch, tokens, _ = x.shape
+        return linear(layer, x).view(batch, tokens, self.num_heads, -1).transpose(1, 2)
+
+    def attend_projected_keys(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """q (B, Nq, C) against keys and values already projected, (1 or B, H, Nk, hd) -> (B, Nq, C)."""
+        batch, queries, _ = q.shape
+        out = F.scaled_dot_product_attention(
+            self.project_heads(self.q_proj, q),
+            keys.expand(batch, -1, -1, -1),
+            values.expand(batch, -1, -1, -1),
+        )
+        return linear(self.out_proj, out.transpose(1, 2).reshape(batch, queries, self.internal_dim))
+
+    def attend_projected_queries(
+        self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Queries already projected and scaled, (1 or B, H, hd, Nq), against few keys k, v (B, Nk, C).
+
+        Returns (B, Nq, C).
+        """
+        batch, keys, _ = k.shape
+        heads = self.num_heads
+        scores = self.project_heads(self.k_proj, k) @ queries  # (B, H, Nk, Nq)
+        weights = scores.softmax(dim=2).view(batch, heads * keys, -1)
+        return self._mix_heads(weights, self.project_heads(self.v_proj, v))
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -64,20 +195,39 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        shared: SharedImage | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Nt, C) tokens; keys (B, HW, C) image; *_pe their positional encodings."""
+        """queries (B, Nt, C) tokens; keys (B, HW, C) image; *_pe their positional encodings.
+
+        With ``shared`` (this block's image side, precomputed) ``keys`` and ``key_pe`` are not read.
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        k = keys + key_pe  # (B, HW, C): the keys do not change until norm4, so one sum serves both
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
+        if shared is None:
+            k = keys + key_pe  # (B, HW, C): the keys do not change until norm4, so one sum serves both
+            attended = self.cross_attn_token_to_image(queries + query_pe, k, keys)
+        else:
+            keys = shared.keys
+            attended = self.cross_attn_token_to_image.attend_projected_keys(
+                queries + query_pe, shared.t2i_keys, shared.t2i_values
+            )
+        queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        if shared is None:
+            attended = self.cross_attn_image_to_token(k, q, queries)
+        else:
+            attended = self.cross_attn_image_to_token.attend_projected_queries(shared.i2t_queries, q, queries)
+        keys = self.norm4(keys + attended)
         return queries, keys
 
 
@@ -114,9 +264,16 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        shared: SharedImage | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe (B, C, H, W); point_embedding (B, Nt, C).
+
+        ``shared``: the first block's image side from :meth:`share_image` (then ``image_embedding`` is
+        not read; it may be the (1, C, H, W) embedding while the prompts are B).
 
         Returns:
             (tokens (B, Nt, C), image (B, H*W, C)).
@@ -124,8 +281,33 @@ class TwoWayTransformer(nn.Module):
         keys = image_embedding.flatten(2).permute(0, 2, 1)  # (B, HW, C)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(queries, keys, point_embedding, key_pe, shared if i == 0 else None)
         q, k = queries + point_embedding, keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
         return queries, keys
+
+    def can_share_image(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`share_image` applies: CPU inference, plain projections in the first block."""
+        if not self.layers:
+            return False
+        first = self.layers[0]
+        attentions = (first.cross_attn_token_to_image, first.cross_attn_image_to_token)
+        return all(type(a) is Attention and a._factorizable(x) for a in attentions)
+
+    def share_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> SharedImage:
+        """The first block's prompt-independent image side: image_embedding, image_pe (1, C, H, W)."""
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()  # (1, HW, C)
+        keys_pe = keys + image_pe.flatten(2).transpose(1, 2)
+        first = self.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        assert isinstance(t2i, Attention) and isinstance(i2t, Attention)  # see can_share_image
+        head_dim = i2t.internal_dim // i2t.num_heads
+        queries = i2t.project_heads(i2t.q_proj, keys_pe) * head_dim**-0.5  # (1, H, HW, hd)
+        return SharedImage(
+            keys=keys,
+            keys_pe=keys_pe,
+            t2i_keys=t2i.project_heads(t2i.k_proj, keys_pe).contiguous(),
+            t2i_values=t2i.project_heads(t2i.v_proj, keys).contiguous(),
+            i2t_queries=queries.transpose(2, 3).contiguous(),
+        )

@@ -1,0 +1,151 @@
+"""Prompt latency: one box on a cached embedding, through ``Predictor.predict``, up to the full-size mask.
+
+The real LiteMedSAM weights (``verified_default_checkpoint()``), the bundled 512 x 512 CT slice
+(core/assets/demo_ct.png) embedded once, then ``predict(boxes=...)`` timed ``--repeats`` times after
+``--warmup`` untimed calls: prompt encoding, the two-way transformer, the mask head, the upsampling of
+the 256 x 256 logits to 512 x 512 and the threshold, all in-process. Reports the median and p95 in
+milliseconds, with a breakdown of one call by stage (``--profile`` prints torch.profiler's table).
+
+The decoder keeps the first two-way block's image side of the last embedding it was prompted on (from
+the second prompt on; see ``MaskDecoder._shared_image``), as interactive use prompts one slice many
+times. The first prompt on a new embedding does not have it; that latency is reported too.
+
+    .venv/bin/python benchmarks/decoder_speed.py [--repeats 200] [--threads 2] [--profile] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samadapt import ImageEmbedding, Predictor, load_model
+from samadapt.domains.images import read_image
+from samadapt.modeling import PromptBatch
+from samadapt.precision import cpu_model
+from samadapt.preprocess import postprocess_logits
+from samadapt.weights import verified_default_checkpoint
+
+TARGET_MS = 20.0
+BOX = np.array([97, 188, 269, 355])  # the liver of demo_ct.png
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def time_calls(fn, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=200, help="timed predict calls")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed calls first")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--multimask", action="store_true", help="three masks per prompt")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table for 20 calls")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    predictor = Predictor(load_model(verified_default_checkpoint()), device="cpu", precision="fp32")
+    image = read_image(resources.files("samadapt.assets") / "demo_ct.png")
+    embedding = predictor.set_image(image)
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"image {image.shape[1]}x{image.shape[0]}, box {BOX.tolist()}, multimask={args.multimask}")
+
+    def predict() -> None:
+        predictor.predict(boxes=BOX, multimask_output=args.multimask)
+
+    times = time_calls(predict, args.repeats, args.warmup)
+    median, p95 = statistics.median(times), percentile(times, 95)
+    fresh = [
+        ImageEmbedding(embedding.embedding.clone(), embedding.original_size, embedding.resized_size)
+        for _ in range(30)
+    ]
+    first_times = []
+    for other in fresh:  # the first prompt on each of 30 new embeddings
+        start = time.perf_counter()
+        predictor.predict(boxes=BOX, multimask_output=args.multimask, embedding=other)
+        first_times.append((time.perf_counter() - start) * 1000.0)
+    first_median = statistics.median(first_times)
+
+    # One call split into its stages (same work as predict, each stage timed on its own).
+    model, profile = predictor.model, predictor.profile
+    boxes_t = torch.as_tensor(
+        profile.boxes_to_input(predictor.check_boxes(BOX, embedding.original_size), embedding.original_size),
+        dtype=torch.float32,
+    )
+    with torch.inference_mode():
+        logits, _ = model.decode_prompts(
+            embedding.encoder_output(), PromptBatch(boxes=boxes_t), multimask_output=args.multimask
+        )
+        stages = {
+            "prompt encoder": lambda: model.embed_prompts(None, boxes_t, None),
+            "decode (prompts + transformer + heads)": lambda: model.decode_prompts(
+                embedding.encoder_output(), PromptBatch(boxes=boxes_t), multimask_output=args.multimask
+            ),
+            "upsample to 512x512": lambda: postprocess_logits(
+                logits, profile, embedding.resized_size, embedding.original_size
+            ),
+            "upsample + threshold + numpy": lambda: (
+                (postprocess_logits(logits, profile, embedding.resized_size, embedding.original_size) > 0)
+                .cpu()
+                .numpy()
+            ),
+        }
+        stage_ms = {name: statistics.median(time_calls(fn, 50, 5)) for name, fn in stages.items()}
+
+    print(f"\npredict(boxes=...) on a cached embedding: median {median:.2f} ms, p95 {p95:.2f} ms")
+    print(f"  ({len(times)} calls after {args.warmup} warm-up; target <= {TARGET_MS:.0f} ms)")
+    print(f"first prompt on a new embedding: median {first_median:.2f} ms (30 embeddings)")
+    for name, ms in stage_ms.items():
+        print(f"  {name:<40} {ms:6.2f} ms (median of 50)")
+    if args.profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                predict()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "cpu": cpu_model(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "median_ms": median,
+                    "p95_ms": p95,
+                    "first_prompt_median_ms": first_median,
+                    "stages_ms": stage_ms,
+                    "target_ms": TARGET_MS,
+                },
+                indent=2,
+            )
+        )
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
