@@ -19,7 +19,8 @@ adapter). Dice and cases as tests/oracles.py and benchmarks/quality_2d.py comput
     .venv/bin/python benchmarks/finetune_2d.py [--steps 60] [--recipes lora medsam_decoder msa]
         [--batch-size 4] [--json out.json] [--keep DIR] [--override msa=--model.adapter.init_args.prompt=box]
 
-``--keep DIR`` keeps the data root, the logs (DIR/runs/<recipe>/) and the adapters (DIR/adapters/<recipe>/).
+``--keep DIR`` keeps the data root, the logs (DIR/runs/<recipe>/) and the adapters (DIR/adapters/<recipe>/);
+``--resume`` with the same ``--keep DIR`` skips the recipes that already finished there (after a crash).
 """
 
 from __future__ import annotations
@@ -244,7 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--keep", type=Path, help="keep data root, logs and adapters in this folder")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --keep: reuse the recipes already finished in that folder (DIR/<recipe>.result.json)",
+    )
     args = parser.parse_args(argv)
+    if args.resume and args.keep is None:
+        parser.error("--resume needs --keep DIR")
     extra = parse_overrides(args.override)
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
@@ -268,11 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         data_root = make_data_root(work / "data")
         print(f"training data: {data_root / 'dataset.json'} ({len(VOLUMES)} volumes)")
         for name in args.recipes:
-            run = train(name, data_root, work, args, extra[name])
-            after = evaluate(cases, Path(str(run["adapter"])))
-            run["dice_before"] = float(np.mean(before))
-            run["dice_after"] = float(np.mean(after))
-            run["per_mask_after"] = dict(zip((c.name for c in cases), after, strict=True))
+            saved = work / f"{name}.result.json"
+            if args.resume and saved.is_file():
+                run = json.loads(saved.read_text())
+                print(f"\n[{name}] reused {saved} (--resume)")
+            else:
+                run = train(name, data_root, work, args, extra[name])
+                after = evaluate(cases, Path(str(run["adapter"])))
+                run["dice_before"] = float(np.mean(before))
+                run["dice_after"] = float(np.mean(after))
+                run["per_mask_after"] = dict(zip((c.name for c in cases), after, strict=True))
+                saved.write_text(json.dumps(run, indent=2) + "\n")
             print(f"[{name}] mean Dice {run['dice_before']:.4f} -> {run['dice_after']:.4f}", flush=True)
             results[name] = run
             if args.json:  # after every recipe, so a later failure keeps what was measured
