@@ -26,6 +26,7 @@ _PER_CASE_FLAGS = (
     ("name", "--name"),
     ("roi", "--roi"),
     ("overlay", "--overlay"),
+    ("report", "--report"),
 )
 
 
@@ -41,6 +42,9 @@ def _check_flags(args: argparse.Namespace) -> Path:
         raise InputError("give either --preset or --window, not both")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    max_slices = getattr(args, "max_slices", None)
+    if max_slices is not None and max_slices < 0:
+        raise InputError(f"--max-slices must be 0 or more, got {max_slices}")
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"with --prompts, -o is an output folder, but {out_dir} is a file")
@@ -104,7 +108,14 @@ def _segment_volume(predictor: Any, case: Any, output: Path, args: argparse.Name
     masks = []
     for axis, prompt in prompts:
         if axis not in segmenters:
-            segmenters[axis] = VolumeSegmenter(predictor, image, axis, batch_size=batch_size)
+            segmenters[axis] = VolumeSegmenter(
+                predictor,
+                image,
+                axis,
+                batch_size=batch_size,
+                stop=getattr(args, "stop", "auto"),
+                max_slices=getattr(args, "max_slices", None),
+            )
         masks.append((prompt.label, segmenters[axis].segment(prompt)))
     labelmap = combine_labels(masks, volume.shape)
     names = {int(o.label): o.name or f"object_{o.label}" for o in case.objects}

@@ -143,6 +143,26 @@ def test_json_manifest_gives_the_same_masks_as_single_runs(tmp_path: Path, tiny_
     np.testing.assert_array_equal(labels == 7, (read_label_image(points) > 0) & (labels != 1))
 
 
+def test_manifest_volumes_take_the_propagation_flags(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """--max-slices and --stop apply to every volume case of a manifest, as to a single run."""
+    ct = _ct_crop(tmp_path / "ct.nii.gz")
+    manifest = tmp_path / "prompts.csv"
+    manifest.write_text(HEADER + f"{ct},44,27,104,81,,2,axial,1,liver\n")
+    model = ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--no-progress"]
+    reached = {}
+    for name, flags in (("all", ["--stop", "vanish"]), ("one", ["--stop", "vanish", "--max-slices", "0"])):
+        out = tmp_path / name
+        assert main(["segment", "--prompts", str(manifest), "-o", str(out), *flags, *model]) == 0
+        labels = read_volume(out / "ct.nii.gz").array
+        reached[name] = set(np.flatnonzero(labels.any(axis=(0, 1))).tolist())
+        single = tmp_path / f"{name}_single.nii.gz"
+        args = [str(ct), "--box", "44", "27", "104", "81", "--slice", "2", "-o", str(single), *flags, *model]
+        assert main(["segment", *args]) == 0
+        np.testing.assert_array_equal(labels > 0, read_volume(single).array > 0)
+    assert reached["one"] == {2}  # the prompt slice only
+    assert len(reached["all"]) > 1  # the tiny model's mask runs on without the limit
+
+
 @pytest.mark.parametrize(
     ("manifest", "extra", "message"),
     [
@@ -154,6 +174,8 @@ def test_json_manifest_gives_the_same_masks_as_single_runs(tmp_path: Path, tiny_
         (HEADER + "a.png,1,2,3,4,,,,,\n", ["--point", "1", "2"], "--point does not go with --prompts"),
         (HEADER + "a.png,1,2,3,4,,,,,\n", ["--slice", "0"], "--slice does not go with --prompts"),
         (HEADER + "a.png,1,2,3,4,,,,,\n", ["--checkpoint", "broken.pth"], "not found"),
+        (HEADER + "a.png,1,2,3,4,,,,,\n", ["--report", "r.json"], "--report does not go with --prompts"),
+        (HEADER + "a.png,1,2,3,4,,,,,\n", ["--max-slices", "-1"], "--max-slices must be 0 or more"),
     ],
 )
 def test_bad_manifest_or_flags_one_line_and_nothing_written(
