@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PIP) install -q -e ".[dev,all]"
+	# the real MONAI Label client for the facade's tests; --no-deps: its own dependencies (monai[all], sam2,
+	# ...) are not needed by the client module, which needs only requests (in the dev extra)
+	$(PIP) install -q --no-deps monailabel==0.8.5
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from samadapt.cli import demo, evaluate, info, segment, train
+from samadapt.cli import demo, evaluate, info, segment, serve, train
 from samadapt.cli.common import Parser, is_volume_path, load_predictor
 from samadapt.cli.train import TRAINING_COMMANDS
 from samadapt.errors import SamadaptError
@@ -26,6 +26,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": demo.run,
     "info": info.run,
     "evaluate": evaluate.run,
+    "serve": serve.run,
 }
 
 _EPILOG = """\
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     info.register(sub)
     evaluate.register(sub)
+    serve.register(sub)
     train.register(sub)
     return parser
 
