@@ -14,7 +14,10 @@ so pixel values of [0, 1] images move by up to half a grey level) moves LiteMedS
    ``$SAMADAPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/samadapt``, else ``~/.cache/samadapt``
    (``precision.json``; a measurement taken while other processes kept this one off the CPU is used
    but not cached);
-3. uses the plan when it is at least :data:`MIN_SPEEDUP` times faster, fp32 otherwise.
+3. uses the plan when it is at least :data:`MIN_SPEEDUP` times faster, fp32 otherwise;
+4. volume propagation (each slice prompted by the previous slice's mask) amplifies small changes, so
+   a plan runs there only when it was also checked on propagated masks
+   (:attr:`QualityPlan.propagation_evidence`); otherwise propagation embeds its slices at fp32.
 
 ``$SAMADAPT_BF16_SPEEDUP`` overrides step 2: a number is taken as the measured speed-up (nothing is
 timed or cached), ``off`` makes ``auto`` fp32.
@@ -47,6 +50,10 @@ ENV_SPEEDUP = "SAMADAPT_BF16_SPEEDUP"
 ENV_CACHE_DIR = "SAMADAPT_CACHE_DIR"
 CACHE_NAME = "precision.json"
 _OFF = ("off", "0", "no", "false", "none")
+PROPAGATION_FP32_REASON = (
+    "volume propagation runs fp32 at auto: the bf16 plan keeps single-slice masks, but on the organ "
+    "table it moved where propagation stopped (one organ -0.25 Dice; benchmarks/precision_quality.py)"
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,9 @@ class QualityPlan:
     patterns: tuple[str, ...]
     parts: str
     evidence: str
+    propagation_evidence: str | None = None
+    """How the plan was checked on volume propagation; None: it moved propagated masks (or was not
+    checked), so propagation runs fp32 at ``auto``."""
 
     def modules(self, model: nn.Module) -> tuple[str, ...]:
         """Names of the model's modules this plan puts under bf16 (outermost matches only)."""
@@ -82,6 +92,10 @@ PLANS: dict[str, QualityPlan] = {
         patterns=(r"image_encoder\.layers\.[123]\.blocks\.\d+\.(attn|mlp)",),
         parts="the attention and MLP branches of TinyViT stages 1-3",
         evidence="sam_med2d (30 masks): mean Dice -0.0013, no mask more than 0.024 lower",
+        # benchmarks/precision_quality.py, organ table (87 organs, --stop auto): mean Dice -0.0019 but
+        # mr/duodenum -0.25 and ct/duodenum -0.057: a slightly different slice embedding moved where
+        # propagation stopped. Not propagation-safe.
+        propagation_evidence=None,
     ),
 }
 
@@ -309,4 +323,6 @@ def auto_plan(device: torch.device, model: nn.Module | None = None) -> Precision
         modules=modules,
         parts=plan.parts,
         reason=f"{speedup:.2f}x faster than fp32 ({source}); masks checked against fp32 on {plan.evidence}",
+        propagation_safe=plan.propagation_evidence is not None,
+        propagation_reason=PROPAGATION_FP32_REASON,
     )

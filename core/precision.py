@@ -77,12 +77,24 @@ class PrecisionPlan:
         modules: for ``bf16-partial``, names of submodules of the model (``model.get_submodule``).
         parts: the planned parts in words (``the MLPs of stages 1-3``).
         reason: why this plan was chosen (``auto``) or ``requested``.
+        propagation_safe: whether the plan also holds for volume propagation, where each slice's prompt
+            comes from the previous slice's mask, so a small change in one embedding can move where the
+            object is found to end. False: propagation runs fp32 (see :meth:`for_propagation`).
+        propagation_reason: why propagation runs fp32 when ``propagation_safe`` is False.
     """
 
     precision: str
     modules: tuple[str, ...] = ()
     parts: str = ""
     reason: str = "requested"
+    propagation_safe: bool = True
+    propagation_reason: str = ""
+
+    def for_propagation(self) -> PrecisionPlan:
+        """The plan volume propagation runs: this one, or fp32 when it is not checked for propagation."""
+        if self.propagation_safe:
+            return self
+        return PrecisionPlan("fp32", reason=self.propagation_reason or "not checked for propagation")
 
     @property
     def dtype(self) -> torch.dtype | None:

@@ -76,6 +76,8 @@ class Predictor:
         precision: the precision used: ``fp32``, ``bf16``, ``fp16`` or ``bf16-partial``.
         precision_plan: the :class:`~samadapt.precision.PrecisionPlan` behind it: which encoder modules
             run in bf16 (``modules``, ``parts``) and why (``reason``).
+        propagation_plan: the plan for slices embedded for volume propagation (``embed(...,
+            propagation=True)``): the same, or fp32 where ``auto``'s plan was not checked on propagation.
     """
 
     def __init__(self, model: SamModel, device: str | torch.device | None = "cpu", precision: str = "auto"):
@@ -84,6 +86,7 @@ class Predictor:
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.precision_plan: PrecisionPlan = plan_precision(precision, self.device, self.model)
         self.precision = self.precision_plan.precision
+        self.propagation_plan: PrecisionPlan = self.precision_plan.for_propagation()
         self._current: ImageEmbedding | None = None
         self.last_encode_seconds = 0.0
 
@@ -103,15 +106,17 @@ class Predictor:
             self.model.train(was_training)
 
     # ------------------------------------------------------------------ embedding
-    def encode_batch(self, batch: torch.Tensor) -> EncoderOutput:
+    def encode_batch(self, batch: torch.Tensor, *, propagation: bool = False) -> EncoderOutput:
         """Preprocessed (B, 3, S, S) images -> float32 embeddings (B, 256, 64, 64) and features.
 
         Runs the encoder as every predictor call does: inference mode, channels-last memory and the
-        precision plan (bf16/fp16 autocast over the whole encoder or over the planned parts, or fp32).
-        Keeps the features the model's adapters asked for.
+        precision plan (bf16/fp16 autocast over the whole encoder or over the planned parts, or fp32;
+        :attr:`propagation_plan` with ``propagation=True``). Keeps the features the model's adapters
+        asked for.
         """
+        plan = self.propagation_plan if propagation else self.precision_plan
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        with self._evaluating(), self.precision_plan.applied(self.model, self.device):
+        with self._evaluating(), plan.applied(self.model, self.device):
             encoded = self.model.encode(batch)
         return EncoderOutput(
             encoded.embedding.float(),
@@ -119,8 +124,14 @@ class Predictor:
             encoded.image.float() if encoded.image is not None else None,
         )
 
-    def embed(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageEmbedding]:
-        """Embed several images (e.g. the slices of a volume), ``batch_size`` at a time."""
+    def embed(
+        self, images: Sequence[np.ndarray], batch_size: int = 8, *, propagation: bool = False
+    ) -> list[ImageEmbedding]:
+        """Embed several images (e.g. the slices of a volume), ``batch_size`` at a time.
+
+        ``propagation=True`` (slices that volume propagation prompts from each other's masks) runs
+        :attr:`propagation_plan`, which is fp32 where the precision plan was not checked on propagation.
+        """
         results: list[ImageEmbedding] = []
         start = time.perf_counter()
         for first in range(0, len(images), batch_size):
@@ -130,7 +141,7 @@ class Predictor:
                 tensor, resized = preprocess(image, self.profile)
                 tensors.append(tensor)
                 sizes.append(((int(np.shape(image)[0]), int(np.shape(image)[1])), resized))
-            encoded = self.encode_batch(torch.cat(tensors))
+            encoded = self.encode_batch(torch.cat(tensors), propagation=propagation)
             for i, (original, resized) in enumerate(sizes):
                 row = encoded.select(torch.tensor([i], device=encoded.embedding.device))
                 results.append(ImageEmbedding(row.embedding, original, resized, row.features, row.image))

@@ -169,7 +169,10 @@ def load_predictor(args: argparse.Namespace) -> tuple[Any, str]:
         adapter = load_adapter(adapter_path, model, base_sha256=checkpoint_sha256(source.path), merge=True)
         attached = f" + adapter {_adapter_kind(adapter)} from {adapter_path}"
     predictor = Predictor(model, device=args.device, precision=args.precision)
-    return predictor, f"{model.variant} from {source.origin} at {predictor.precision}{attached}"
+    precision = predictor.precision
+    if predictor.propagation_plan is not predictor.precision_plan:
+        precision += f" (volume propagation: {predictor.propagation_plan.precision})"
+    return predictor, f"{model.variant} from {source.origin} at {precision}{attached}"
 
 
 def is_volume_path(path: str) -> bool:

@@ -54,4 +54,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"precision: {args.precision} -> {plan.precision}{described}")
     if args.precision == "auto":
         print(f"  why: {plan.reason}")
+    propagation = plan.for_propagation()
+    if propagation is not plan:
+        print(f"  volume propagation: {propagation.precision} ({propagation.reason})")
     return 0

@@ -52,9 +52,11 @@ class SharedPredictor:
     def device(self) -> Any:
         return self.inner.device
 
-    def embed(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageEmbedding]:
+    def embed(
+        self, images: Sequence[np.ndarray], batch_size: int = 8, *, propagation: bool = False
+    ) -> list[ImageEmbedding]:
         with self.lock:
-            return self.inner.embed(images, batch_size=batch_size)
+            return self.inner.embed(images, batch_size=batch_size, propagation=propagation)
 
     def predict(self, **kwargs: Any) -> Prediction:
         with self.lock:
@@ -90,7 +92,8 @@ class SliceSegmenter(VolumeSegmenter):
         for first in range(0, len(todo), self.batch_size):
             chunk = todo[first : first + self.batch_size]
             images = [slice_image(self.image, self.axis, k) for k in chunk]
-            for k, emb in zip(chunk, self.predictor.embed(images, batch_size=self.batch_size), strict=True):
+            embedded = self.predictor.embed(images, batch_size=self.batch_size, propagation=True)
+            for k, emb in zip(chunk, embedded, strict=True):
                 self.shared.put((*self.key, k), emb)
                 done[k] = emb
         return done

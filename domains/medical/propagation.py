@@ -179,7 +179,8 @@ class VolumeSegmenter:
         for first in range(0, len(todo), self.batch_size):
             chunk = todo[first : first + self.batch_size]
             images = [slice_image(self.image, self.axis, k) for k in chunk]
-            for k, emb in zip(chunk, self.predictor.embed(images, batch_size=self.batch_size), strict=True):
+            embedded = self.predictor.embed(images, batch_size=self.batch_size, propagation=True)
+            for k, emb in zip(chunk, embedded, strict=True):
                 self._cache[k] = emb
             if self.progress is not None:
                 self.progress(len(chunk))

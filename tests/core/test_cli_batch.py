@@ -63,9 +63,9 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         counts["set_image"] += 1
         return set_image(self, image)
 
-    def counted_embed(self, images, batch_size=8):
+    def counted_embed(self, images, batch_size=8, **kwargs):
         counts["embedded"] += len(images)
-        return embed(self, images, batch_size)
+        return embed(self, images, batch_size, **kwargs)
 
     monkeypatch.setattr(samadapt.checkpoint, "load_model", counted_load)
     monkeypatch.setattr(Predictor, "set_image", counted_set_image)

@@ -6,6 +6,7 @@ and the CPU's bf16 support is patched, so these tests decide the same way on eve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -108,10 +109,7 @@ def test_measurement_is_cached_per_machine_and_reused(
     assert entry["speedup"] == 1.6
     assert torch.__version__ in key and "lite_medsam" in key and PLANS["lite_medsam"].name in key
     second = plan_precision("auto", CPU, lite)
-    assert (
-        second == PrecisionPlan("bf16-partial", first.modules, first.parts, second.reason)
-        and "cached in" in second.reason
-    )
+    assert second == dataclasses.replace(first, reason=second.reason) and "cached in" in second.reason
     assert len(calls) == 1  # not measured again
     bf16_cpu.write_text("{not json")  # a corrupt cache is measured again and rewritten
     assert plan_precision("auto", CPU, lite).precision == "bf16-partial" and len(calls) == 2
@@ -187,6 +185,31 @@ def test_planned_parts_run_in_bf16_and_the_rest_in_fp32(
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in state.items())
 
 
+def test_volume_propagation_runs_fp32_where_the_plan_was_not_checked_on_it(
+    bf16_cpu: Path, lite: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto's LiteMedSAM plan moved propagated masks on the organ table: propagation embeds at fp32."""
+    from samadapt.domains.medical.propagation import VolumeSegmenter, slice_image
+
+    monkeypatch.setenv(ENV_SPEEDUP, "2")
+    predictor = Predictor(lite, precision="auto")
+    assert predictor.precision == "bf16-partial" and PLANS["lite_medsam"].propagation_evidence is None
+    assert predictor.propagation_plan.precision == "fp32"
+    assert "propagation" in predictor.propagation_plan.reason
+    image = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    plane = slice_image(image, "axial", 0)
+    fp32 = Predictor(lite, precision="fp32").embed([plane])[0].embedding
+    single = predictor.embed([plane])[0].embedding
+    segmenter = VolumeSegmenter(predictor, image, "axial", batch_size=1)
+    segmenter.embeddings([0])
+    propagated = segmenter.embedding(0).embedding
+    assert torch.equal(propagated, fp32)  # the slices of a propagation: fp32 exactly
+    assert not torch.equal(single, fp32)  # a single image: the bf16 plan
+    # an explicit request applies everywhere
+    explicit = Predictor(lite, precision="bf16")
+    assert explicit.propagation_plan is explicit.precision_plan
+
+
 def test_plan_hooks_are_removed_when_the_encoder_fails(lite: nn.Module) -> None:
     plan = PrecisionPlan("bf16-partial", PLANS["lite_medsam"].modules(lite))
     with pytest.raises(RuntimeError), torch.inference_mode(), plan.applied(lite, CPU):
@@ -209,6 +232,7 @@ def test_info_says_what_auto_chose_and_why(
     assert f"precision: auto -> {chosen}" in out
     why = next(line for line in out.splitlines() if line.strip().startswith("why:"))
     assert expected in why
+    assert ("volume propagation: fp32" in out) == (speedup != "1.05")
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ class FakePredictor:
         self.ball, self.axis = ball, axis
         self.embedded: list[int] = []
 
-    def embed(self, images, batch_size: int = 8):
+    def embed(self, images, batch_size: int = 8, propagation: bool = False):
         out = []
         for image in images:
             index = int(image[0, 0])  # the test encodes the slice index in pixel (0, 0)

@@ -46,7 +46,7 @@ class LeakyBall:
     def __init__(self, ball: np.ndarray) -> None:
         self.ball = ball
 
-    def embed(self, images, batch_size: int = 8):
+    def embed(self, images, batch_size: int = 8, propagation: bool = False):
         return [ImageEmbedding(torch.tensor([int(im[0, 0])]), im.shape, im.shape) for im in images]
 
     def predict(self, *, boxes=None, embedding=None, **_):
