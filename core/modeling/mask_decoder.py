@@ -85,6 +85,13 @@ class MaskDecoder(nn.Module):
             (low-res mask logits (B, K, 4H, 4W), IoU predictions (B, K)); K = 3 or 1.
         """
         selected = slice(1, None) if multimask_output else slice(0, 1)
+        if torch.is_grad_enabled():
+            # training: every mask head stays in the graph (zero gradients for the unselected ones), so
+            # DDP sees all trainable parameters used; inference decodes only the selected heads
+            masks, iou_pred = self.predict_masks(
+                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            )
+            return masks[:, selected], iou_pred[:, selected]
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, selected
         )
