@@ -89,6 +89,17 @@ class Adapter(nn.Module):
         """Training prompts for (P, 1, S, S) {0, 1} target masks in the encoder frame, one per mask."""
         raise NotImplementedError
 
+    def training_inputs(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, PromptBatch]:
+        """(images (B, 3, S, S), targets (P, 1, S, S), prompts for P objects) of one data batch.
+
+        The default is one simulated prompt per sample (:meth:`simulate_prompts` on ``batch["mask"]``);
+        adapters that need the samples' metadata (AutoSAM: the label value of each object) override it.
+        """
+        masks = batch["mask"]
+        return batch["image"], masks, self.simulate_prompts(masks, generator)
+
     def loss(
         self, logits: torch.Tensor, iou_predictions: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import nn
 from samadapt.adapter import Adapter, load_adapter_weights, save_adapter
 from samadapt.checkpoint import load_model
 from samadapt.errors import InputError
-from samadapt.modeling import PromptBatch, SamModel
+from samadapt.modeling import SamModel
 from samadapt.weights import checkpoint_sha256, resolve_checkpoint
 
 
@@ -124,8 +124,7 @@ class SamTask(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _forward(self, batch: dict[str, Any], generator: torch.Generator | None = None):
-        images, masks = batch["image"], batch["mask"]
-        prompts: PromptBatch = self.adapter.simulate_prompts(masks, generator)
+        images, masks, prompts = self.adapter.training_inputs(batch, generator)
         logits, iou = self.model.forward_batch(images, prompts, multimask_output=False)
         return logits, iou, masks
 

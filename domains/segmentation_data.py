@@ -234,6 +234,8 @@ class SegmentationDataModule(lightning.LightningDataModule):
         min_area: objects smaller than this (pixels on the plane) are skipped.
         augment: random flips of training samples.
         max_samples: keep a seeded random subset of this many training samples (quick runs).
+        labels: keep only objects with these label values (e.g. one organ of a label map, for a
+            per-class model such as AutoSAM); None keeps every object.
         seed: seed of the case split and of the ``max_samples`` subset.
 
     Attributes:
@@ -254,6 +256,7 @@ class SegmentationDataModule(lightning.LightningDataModule):
         min_area: int = 16,
         augment: bool = True,
         max_samples: int | None = None,
+        labels: list[int] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -270,6 +273,7 @@ class SegmentationDataModule(lightning.LightningDataModule):
         self.root, self.val_root, self.val_fraction = root, val_root, val_fraction
         self.batch_size, self.num_workers, self.axis, self.preset = batch_size, num_workers, axis, preset
         self.min_area, self.augment, self.max_samples, self.seed = min_area, augment, max_samples, seed
+        self.labels = None if labels is None else [int(v) for v in labels]
         self.profile: PreprocessProfile | None = None
         self.train_set: SegmentationSamples | None = None
         self.val_set: SegmentationSamples | None = None
@@ -300,19 +304,27 @@ class SegmentationDataModule(lightning.LightningDataModule):
             train_cases, val_cases = cases, find_cases(self.val_root)
         else:
             train_cases, val_cases = split_cases(cases, self.val_fraction, self.seed)
-        train = load_samples(train_cases, profile, self.axis, self.preset, self.min_area)
+        train = self._selected(load_samples(train_cases, profile, self.axis, self.preset, self.min_area))
         if not len(train):
+            which = "no object" if self.labels is None else f"no object with a label in {self.labels}"
             raise InputError(
-                f"no training samples in {self.root}: no object has at least {self.min_area} pixels on a "
+                f"no training samples in {self.root}: {which} has at least {self.min_area} pixels on a "
                 "plane (lower --data.min_area?)"
             )
         if self.max_samples is not None and len(train) > self.max_samples:
             picks = np.random.default_rng(self.seed).choice(len(train), self.max_samples, replace=False)
             train = train.subset(sorted(int(i) for i in picks))
-        val = load_samples(val_cases, profile, self.axis, self.preset, self.min_area)
+        val = self._selected(load_samples(val_cases, profile, self.axis, self.preset, self.min_area))
         self.train_set = SegmentationSamples(train, profile, augment=self.augment)
         self.val_set = SegmentationSamples(val, profile, augment=False)
         self._built_for = profile
+
+    def _selected(self, store: SampleStore) -> SampleStore:
+        """Only the samples whose label value is in ``labels`` (all when ``labels`` is None)."""
+        if self.labels is None:
+            return store
+        keep = set(self.labels)
+        return store.subset([i for i, (_, value) in enumerate(store.entries) if value in keep])
 
     def _loader(self, dataset: SegmentationSamples, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -68,6 +68,8 @@ class PromptBatch:
         boxes: (P, 4) x0, y0, x1, y1 or None.
         masks: (P, 1, 4h, 4w) low-res mask logits or None.
         image_index: (P,) long, the image each prompt belongs to; None means prompt i is on image i.
+        classes: (P,) long, the class each prompt asks a multi-class prompt generator for (only
+            with an empty batch and a generator returning per-class embeddings); None: every class.
     """
 
     points: torch.Tensor | None = None
@@ -75,6 +77,7 @@ class PromptBatch:
     boxes: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
+    classes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.points is None) != (self.point_labels is None):
@@ -83,7 +86,7 @@ class PromptBatch:
     @property
     def size(self) -> int | None:
         """P, or None when the batch holds no prompt tensor at all."""
-        for tensor in (self.points, self.boxes, self.masks, self.image_index):
+        for tensor in (self.points, self.boxes, self.masks, self.image_index, self.classes):
             if tensor is not None:
                 return int(tensor.shape[0])
         return None
@@ -105,7 +108,8 @@ class PromptGenerator(Protocol):
     """Produces prompt embeddings from the encoder output (AutoSAM dense, RsPrompter sparse)."""
 
     def __call__(self, encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (sparse (B, N, 256), dense (B, 256, h, w)) for the B images in ``encoded``."""
+        """-> (sparse (B, N, 256), dense (B, 256, h, w)) for the B images in ``encoded``; a multi-class
+        generator returns (B, C, N, 256) and (B, C, 256, h, w), one embedding per class."""
         ...
 
 
@@ -247,7 +251,9 @@ class SamModel(nn.Module):
         """Decode P prompts against the B encoded images they point into.
 
         An empty :class:`PromptBatch` (no points, boxes or masks) uses the ``prompt_generator``;
-        without one it decodes SAM's "no prompt" embedding.
+        without one it decodes SAM's "no prompt" embedding. A multi-class generator decodes the class
+        ``prompts.classes`` of each prompt, or, without ``classes``, every class of each prompt's
+        image (P x C masks, class-major within each prompt).
 
         Returns:
             (logits (P, K, 4h, 4w), IoU (P, K)); K = 3 with ``multimask_output`` else 1.
@@ -255,11 +261,24 @@ class SamModel(nn.Module):
         if encoded.embedding.shape[0] == 1 and prompts.image_index is None:
             prompts = replace(prompts, image_index=torch.zeros(prompts.size or 1, dtype=torch.long))
         index = prompts.indexes(encoded.embedding.shape[0], encoded.embedding.device)
+        generated = None
+        if prompts.is_empty and self.prompt_generator is not None:
+            generated = self.prompt_generator(encoded)  # per image
+            if generated[1].dim() == 5 and prompts.classes is None:  # every class of each image
+                count = generated[1].shape[1]
+                classes = torch.arange(count, device=index.device).repeat(index.shape[0])
+                prompts = replace(prompts, classes=classes)
+                index = index.repeat_interleave(count)
         # one image: decoders broadcast its embedding and features over the prompts (no copies here)
         per_prompt = encoded if encoded.embedding.shape[0] == 1 else encoded.select(index)
-        if prompts.is_empty and self.prompt_generator is not None:
-            sparse, dense = self.prompt_generator(encoded)  # per image
-            sparse, dense = sparse[index], dense[index]
+        if generated is not None:
+            sparse, dense = generated
+            if dense.dim() == 5:  # (B, C, ...): pick each prompt's class
+                assert prompts.classes is not None
+                classes = prompts.classes.to(device=index.device, dtype=torch.long)
+                sparse, dense = sparse[index, classes], dense[index, classes]
+            else:
+                sparse, dense = sparse[index], dense[index]
         else:
             points = None
             if prompts.points is not None and prompts.point_labels is not None:
