@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from samadapt.cli.automatic import add_auto_args
 from samadapt.cli.common import (
     PointAction,
     adapter_dir,
@@ -96,15 +97,21 @@ def register(sub: Any) -> None:
     vol.add_argument(
         "--report", metavar="FILE.json", help="write every visited slice's stop signals per object as JSON"
     )
+    add_auto_args(seg)
     add_model_args(seg)
 
 
 def run(args: argparse.Namespace) -> int:
     """Segment ``args.input``: a volume path goes to the volume command, anything else is a 2D image.
 
-    ``--prompts FILE`` runs every case of a manifest instead (:mod:`samadapt.cli.batch`).
+    ``--prompts FILE`` runs every case of a manifest instead (:mod:`samadapt.cli.batch`); ``--auto``
+    segments everything without a prompt (:mod:`samadapt.cli.automatic`).
     """
     adapter_dir(args)  # a wrong --adapter fails before any file is read
+    if getattr(args, "auto", False):
+        from samadapt.cli.automatic import segment_auto
+
+        return segment_auto(args)
     if getattr(args, "prompts", None):
         from samadapt.cli.batch import segment_manifest
 
