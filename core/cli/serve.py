@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         session_ttl_s=args.session_ttl,
         max_sessions=args.max_sessions,
     )
-    auth = "bearer token required" if token else "no token (loopback only)"
+    auth = "bearer token required" if token else "no token: loopback only"
     print(f"samadapt serve: {described}; http://{args.host}:{args.port} ({auth})", flush=True)
     uvicorn.run(app, host=args.host.strip("[]"), port=args.port, log_level="warning")
     return 0
