@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import oracles  # noqa: E402
 import samadapt  # noqa: E402
 from samadapt import Predictor  # noqa: E402
 from samadapt.adapter import load_adapter  # noqa: E402
+from samadapt.precision import cpu_model  # noqa: E402
 from samadapt.weights import checkpoint_sha256, verified_default_checkpoint  # noqa: E402
 
 #: name -> (recipe, label). All three train on the bundled LiteMedSAM (the recipes' default base).
@@ -69,16 +69,6 @@ VOLUMES = [
 ]
 BASE_DICE_EXPECTED = 0.690  # docs/performance.md: fp32 LiteMedSAM, tight boxes, these 30 masks
 TARGET = 0.72
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from samadapt import Predictor, load_model
 from samadapt.domains.medical.propagation import Roi, SlicePrompt, VolumeSegmenter, mask_box, slice_image
 from samadapt.domains.medical.slices import read_volume_pair
 from samadapt.domains.medical.stopping import SliceSignals, StopRule
+from samadapt.precision import cpu_model
 from samadapt.weights import verified_default_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,16 +93,6 @@ class Organ:
 
     def ends_inside(self, direction: int) -> bool:
         return self.high < self.num_slices - 1 if direction > 0 else self.low > 0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from samadapt.cli.common import is_volume_path, load_predictor
+from samadapt.cli.common import check_volume_flags, check_volume_output, is_volume_path, load_predictor
 from samadapt.errors import InputError
 
 HINT = (
@@ -176,18 +176,11 @@ def _segment_volume(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from samadapt.domains.medical import apply_intensity, guess_preset, read_volume, require_3d, write_volume
-    from samadapt.domains.medical.io import WRITE_SUFFIXES
     from samadapt.domains.medical.propagation import put_slice, slice_count, slice_image
 
     output = Path(args.output)
-    if not any(output.name.lower().endswith(s) for s in WRITE_SUFFIXES):
-        raise InputError(f"segmentation output must end in one of {', '.join(WRITE_SUFFIXES)}: {output.name}")
-    if not output.parent.exists():
-        raise InputError(f"output folder does not exist: {output.parent}")
-    if args.preset and args.window:
-        raise InputError("give either --preset or --window, not both")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
+    check_volume_output(output)
+    check_volume_flags(args)
     volume = require_3d(read_volume(args.input, channel=args.channel))
     preset = None if args.window else (args.preset or guess_preset(volume))
     image = apply_intensity(volume.array, preset=preset, window=tuple(args.window) if args.window else None)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from samadapt.cli.common import combine_masks, load_predictor, predict_objects
+from samadapt.cli.common import check_volume_flags, combine_masks, load_predictor, predict_objects
 from samadapt.errors import InputError, SamadaptError
 
 # Flags that describe one case; a manifest gives these per row instead.
@@ -38,13 +38,7 @@ def _check_flags(args: argparse.Namespace) -> Path:
         value = getattr(args, attribute, None)
         if value is not None and value != []:
             raise InputError(f"{flag} does not go with --prompts: give it per row in the manifest")
-    if args.preset and args.window:
-        raise InputError("give either --preset or --window, not both")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
-    max_slices = getattr(args, "max_slices", None)
-    if max_slices is not None and max_slices < 0:
-        raise InputError(f"--max-slices must be 0 or more, got {max_slices}")
+    check_volume_flags(args)
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"with --prompts, -o is an output folder, but {out_dir} is a file")

@@ -175,6 +175,28 @@ def load_predictor(args: argparse.Namespace) -> tuple[Any, str]:
     return predictor, f"{model.variant} from {source.origin} at {precision}{attached}"
 
 
+def check_volume_flags(args: argparse.Namespace) -> None:
+    """The volume flags every volume command shares: --preset/--window, --batch-size, --max-slices."""
+    if getattr(args, "preset", None) and getattr(args, "window", None):
+        raise InputError("give either --preset or --window, not both")
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    max_slices = getattr(args, "max_slices", None)
+    if max_slices is not None and max_slices < 0:
+        raise InputError(f"--max-slices must be 0 or more, got {max_slices}")
+
+
+def check_volume_output(output: Path) -> None:
+    """A segmentation volume's output path: a writable format, in a folder that exists."""
+    from samadapt.domains.medical.io import WRITE_SUFFIXES
+
+    if not any(output.name.lower().endswith(s) for s in WRITE_SUFFIXES):
+        raise InputError(f"segmentation output must end in one of {', '.join(WRITE_SUFFIXES)}: {output.name}")
+    if not output.parent.exists():
+        raise InputError(f"output folder does not exist: {output.parent}")
+
+
 def is_volume_path(path: str) -> bool:
     """A folder (DICOM series) or a file name ending in one of the medical reader's suffixes."""
     from samadapt.domains.medical.io import READ_SUFFIXES

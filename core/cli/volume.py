@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from samadapt.cli.common import attachment_note, load_predictor
+from samadapt.cli.common import attachment_note, check_volume_flags, check_volume_output, load_predictor
 from samadapt.errors import InputError
 
 if TYPE_CHECKING:
@@ -26,7 +26,6 @@ def segment_volume(args: argparse.Namespace) -> int:
 
     from samadapt.domains import images
     from samadapt.domains.medical import apply_intensity, guess_preset, read_volume, require_3d, write_volume
-    from samadapt.domains.medical.io import WRITE_SUFFIXES
     from samadapt.domains.medical.prompts import volume_prompts
     from samadapt.domains.medical.propagation import (
         AXES,
@@ -38,17 +37,9 @@ def segment_volume(args: argparse.Namespace) -> int:
     )
 
     output = Path(args.output)
-    if not any(output.name.lower().endswith(s) for s in WRITE_SUFFIXES):
-        raise InputError(f"segmentation output must end in one of {', '.join(WRITE_SUFFIXES)}: {output.name}")
-    if not output.parent.exists():
-        raise InputError(f"output folder does not exist: {output.parent}")
-    if args.preset and args.window:
-        raise InputError("give either --preset or --window, not both")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
+    check_volume_output(output)
+    check_volume_flags(args)
     max_slices = getattr(args, "max_slices", None)
-    if max_slices is not None and max_slices < 0:
-        raise InputError(f"--max-slices must be 0 or more, got {max_slices}")
     report_path = Path(args.report) if getattr(args, "report", None) else None
     if report_path is not None:
         if report_path.suffix.lower() != ".json":
