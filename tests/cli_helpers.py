@@ -16,3 +16,14 @@ def run_samadapt(*args: str | Path, cwd: Path, timeout: float = 300) -> subproce
     return subprocess.run(
         [SAMADAPT, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """The tiny core (random weights from ``seed``) saved as a checkpoint at ``path``; returns ``path``."""
+    import torch
+
+    import samadapt
+
+    torch.manual_seed(seed)
+    samadapt.save_model(samadapt.build("tiny"), path)
+    return path

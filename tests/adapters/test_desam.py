@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import REPO, run_samadapt
+from cli_helpers import REPO, run_samadapt, write_tiny_checkpoint
 
 import samadapt
 from samadapt import Predictor
 from samadapt.adapter import REPLACES_DECODER, get_adapter_type, load_adapter, save_adapter
 from samadapt.adapters.desam import PIMM, PRIM, DeSAM, DeSAMDecoder, grid_point_inference, point_grid
-from samadapt.checkpoint import save_model
 from samadapt.domains.images import read_image, read_mask
 from samadapt.modeling import PromptBatch
 from samadapt.weights import checkpoint_sha256
@@ -181,10 +180,7 @@ def test_grid_point_inference() -> None:
 # ---------------------------------------------------------------------------- files, predictor, CLI
 @pytest.fixture
 def tiny_base(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "tiny.pth"
-    save_model(samadapt.build("tiny"), path)
-    return path
+    return write_tiny_checkpoint(tmp_path / "tiny.pth")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import write_tiny_checkpoint
 from PIL import Image
 from torchvision.ops import box_iou
 
@@ -208,12 +209,7 @@ def test_lite_medsam_needs_single_mask_and_lower_thresholds() -> None:
 # ------------------------------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from samadapt.checkpoint import save_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
-    save_model(build("tiny"), path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
 
 
 LOOSE_FLAGS = [

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from cli_helpers import write_tiny_checkpoint
 
-from samadapt import build
-from samadapt.checkpoint import save_model
 from samadapt.cli import main
 from samadapt.domains.images import read_label_image
 from samadapt.domains.medical import Volume, read_volume, write_volume
@@ -26,10 +24,7 @@ HEADER = "image,x0,y0,x1,y1,points,slice,axis,label,name\n"
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
-    save_model(build("tiny"), path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
 
 
 def _ct_crop(path: Path, first: int = 21, slices: int = 6) -> Path:

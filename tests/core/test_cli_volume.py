@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import write_tiny_checkpoint
 
 from samadapt.cli import main
 from samadapt.domains.medical import Volume, read_volume, write_volume
@@ -127,15 +128,8 @@ def test_volume_bad_input_one_line_no_output(case: str, message: str, tmp_path: 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight model, saved as a checkpoint (fast stand-in for LiteMedSAM)."""
-    import torch
 
-    from samadapt import build
-    from samadapt.checkpoint import save_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
-    save_model(build("tiny"), path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
 
 
 def _ct_crop(slices: int = 6) -> Volume:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import write_tiny_checkpoint
 
 from samadapt.cli import main
 from samadapt.domains.medical import Volume, read_volume, write_volume
@@ -19,15 +20,8 @@ KIDNEY_RIGHT = 2  # class_map_total_and_total_mr.json, task "total"
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight model, saved as a checkpoint (fast stand-in for LiteMedSAM)."""
-    import torch
 
-    from samadapt import build
-    from samadapt.checkpoint import save_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
-    save_model(build("tiny"), path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
 
 
 @pytest.fixture
@@ -38,12 +32,9 @@ def volume(tmp_path: Path) -> Path:
     return path
 
 
-def test_stop_flags_write_the_report_and_print_the_table(
-    tmp_path: Path, volume: Path, tiny_ckpt, capsys
-) -> None:
-    report = tmp_path / "signals.json"
-    out = tmp_path / "seg.nii.gz"
-    args = [
+def _segment_args(volume: Path, checkpoint: Path) -> list[str]:
+    """``samadapt segment`` with a box on slice 4 of the test volume and the tiny checkpoint."""
+    return [
         "segment",
         str(volume),
         "--box",
@@ -54,8 +45,16 @@ def test_stop_flags_write_the_report_and_print_the_table(
         "--slice",
         "4",
         "--checkpoint",
-        str(tiny_ckpt),
+        str(checkpoint),
     ]
+
+
+def test_stop_flags_write_the_report_and_print_the_table(
+    tmp_path: Path, volume: Path, tiny_ckpt, capsys
+) -> None:
+    report = tmp_path / "signals.json"
+    out = tmp_path / "seg.nii.gz"
+    args = _segment_args(volume, tiny_ckpt)
     args += ["--precision", "fp32", "--no-progress", "-o", str(out), "--stop", "vanish", "--max-slices", "1"]
     assert main([*args, "--verbose", "--report", str(report)]) == 0
     printed = capsys.readouterr().out
@@ -87,19 +86,7 @@ def test_bad_stop_flags_one_line_no_output(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "seg.nii.gz"
-    args = [
-        "segment",
-        str(volume),
-        "--box",
-        "2",
-        "2",
-        "15",
-        "15",
-        "--slice",
-        "4",
-        "--checkpoint",
-        str(tiny_ckpt),
-    ]
+    args = _segment_args(volume, tiny_ckpt)
     try:
         code = main([*args, "--no-progress", "-o", str(out), *extra])
     except SystemExit as exc:  # argparse refuses a malformed value before the command runs

@@ -10,14 +10,11 @@ import pytest
 import torch
 
 import samadapt
-from samadapt.checkpoint import save_model
 from samadapt.predictor import Predictor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests here import server_helpers
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-
+from cli_helpers import write_tiny_checkpoint
 from server_helpers import load_client
 
 
@@ -34,7 +31,4 @@ def tiny_predictor() -> Predictor:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
-    save_model(samadapt.build("tiny"), path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")

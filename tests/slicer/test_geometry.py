@@ -185,7 +185,8 @@ def test_prompt_from_markups_points_box_and_slices() -> None:
 def test_real_ct_slicer_ijk_is_samadapt_ijk() -> None:
     """On example_ct_sm.nii.gz: Slicer's [k, j, i] array transposed is read_volume's [i, j, k] array; a
     world point maps to the same voxel both ways; a box drawn in the Red view is `segment --box --slice`."""
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
+
     from samadapt.domains.medical import read_volume
     from samadapt.domains.medical.prompts import volume_prompts
     from samadapt.domains.medical.propagation import AXES
@@ -221,7 +222,8 @@ def test_real_ct_slicer_ijk_is_samadapt_ijk() -> None:
 
 def test_real_mr_lps_views() -> None:
     """example_mr_sm.nii.gz is stored LPS (i runs to the left): the standard views still cut k, i, j."""
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
+
     affine = nib.load(str(MR)).affine
     assert [slice_axis(_view(VIEW_ORIENTATIONS[v]), affine) for v in ("Red", "Yellow", "Green")] == [2, 0, 1]
     ras = ijk_to_ras(affine, [20, 30, 10])

@@ -14,32 +14,21 @@ import gzip
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-nib = pytest.importorskip("nibabel")
-
-from SamAdaptLib.client import SamAdaptClient, SamAdaptError  # noqa: E402
-from SamAdaptLib.geometry import STANDARD_SLICE_TO_RAS, ijk_to_ras, prompt_from_markups  # noqa: E402
-from SamAdaptLib.localserver import LocalServer, LocalServerError  # noqa: E402
-from SamAdaptLib.session import InteractiveSession  # noqa: E402
+from cli_helpers import write_tiny_checkpoint
+from SamAdaptLib.client import SamAdaptClient, SamAdaptError
+from SamAdaptLib.geometry import STANDARD_SLICE_TO_RAS, ijk_to_ras, prompt_from_markups
+from SamAdaptLib.localserver import LocalServer, LocalServerError
+from SamAdaptLib.session import InteractiveSession
 
 CT = Path(__file__).resolve().parents[1] / "data" / "totalsegmentator" / "example_ct_sm.nii.gz"
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    import samadapt
-    from samadapt.checkpoint import save_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
-    save_model(samadapt.build("tiny"), path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from cli_helpers import write_tiny_checkpoint
 from PIL import Image
-
-import samadapt
-from samadapt.checkpoint import save_model
 
 TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "tiny.pth"
-    save_model(samadapt.build("tiny"), path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny.pth")
 
 
 @pytest.fixture(scope="session")
