@@ -100,6 +100,27 @@ class Adapter(nn.Module):
         masks = batch["mask"]
         return batch["image"], masks, self.simulate_prompts(masks, generator)
 
+    def training_forward(
+        self, model: SamModel, batch: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (P, 1, h, w), IoU predictions (P, 1), targets (P, 1, S, S)) of one data batch.
+
+        The default encodes the images and decodes the prompts of :meth:`training_inputs`. Adapters
+        whose targets depend on the prediction (RsPrompter: Hungarian matching of queries to objects)
+        override it; :meth:`loss` then receives the matched rows.
+        """
+        images, masks, prompts = self.training_inputs(batch, generator)
+        logits, iou = model.forward_batch(images, prompts, multimask_output=False)
+        return logits, iou, masks
+
+    def evaluation_update(self, batch: Mapping[str, Any]) -> None:
+        """Called after each validation/test forward: adapters with metrics of their own (RsPrompter:
+        mask AP over instances) accumulate them here. Default: nothing."""
+
+    def evaluation_compute(self) -> dict[str, torch.Tensor]:
+        """Named scalar metrics accumulated since the last call (then reset); default none."""
+        return {}
+
     def loss(
         self, logits: torch.Tensor, iou_predictions: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:

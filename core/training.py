@@ -34,8 +34,16 @@ def load_base(base: str, variant: str | None = None) -> tuple[SamModel, str, str
     return model, checkpoint_sha256(source.path), source.path.name
 
 
+def _to_target_size(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(P, 1, s, s) or (P, 1, d, s, s) logits resized (bi/trilinear) to the targets' spatial size."""
+    if logits.shape[2:] == masks.shape[2:]:
+        return logits
+    mode = "bilinear" if logits.ndim == 4 else "trilinear"
+    return nn.functional.interpolate(logits, size=masks.shape[2:], mode=mode, align_corners=False)
+
+
 def _dice_and_iou(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample Dice and IoU of (P, 1, S, S) logits (> 0) against {0, 1} targets: (P,), (P,)."""
+    """Per-sample Dice and IoU of (P, 1, S, S) or (P, 1, D, S, S) logits (> 0) against {0, 1} targets."""
     pred = (logits > 0).flatten(1)
     truth = (targets > 0.5).flatten(1)
     inter = (pred & truth).sum(1).float()
@@ -124,9 +132,7 @@ class SamTask(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _forward(self, batch: dict[str, Any], generator: torch.Generator | None = None):
-        images, masks, prompts = self.adapter.training_inputs(batch, generator)
-        logits, iou = self.model.forward_batch(images, prompts, multimask_output=False)
-        return logits, iou, masks
+        return self.adapter.training_forward(self.model, batch, generator)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits, iou, masks = self._forward(batch)
@@ -142,12 +148,23 @@ class SamTask(L.LightningModule):
         generator = torch.Generator().manual_seed(batch_idx)  # the same prompts every epoch
         logits, iou, masks = self._forward(batch, generator)
         terms = self.adapter.loss(logits, iou, masks)
-        full = nn.functional.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        full = _to_target_size(logits, masks)
         dice, jaccard = _dice_and_iou(full, masks)
         size = masks.shape[0]
         self.log(f"{stage}/loss", terms["loss"], batch_size=size, sync_dist=True)
         self.log(f"{stage}/dice", dice.mean(), prog_bar=True, batch_size=size, sync_dist=True)
         self.log(f"{stage}/iou", jaccard.mean(), batch_size=size, sync_dist=True)
+        self.adapter.evaluation_update(batch)
+
+    def _log_adapter_metrics(self, stage: str) -> None:
+        for name, value in self.adapter.evaluation_compute().items():  # synced by the adapter's metric
+            self.log(f"{stage}/{name}", value)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_adapter_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_adapter_metrics("test")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
@@ -158,7 +175,7 @@ class SamTask(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(batch_idx)
         logits, iou, masks = self._forward(batch, generator)
-        full = nn.functional.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        full = _to_target_size(logits, masks)
         return {"masks": full > 0, "iou_predictions": iou, "meta": batch.get("meta")}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from samadapt.domains.segmentation_data import SegmentationDataModule
@@ -85,6 +86,28 @@ def _resolve_configs(argv: Sequence[str]) -> list[str]:
     return resolved
 
 
+def _names_data_class(argv: Sequence[str]) -> bool:
+    """Whether the configs or arguments name the data module (``data: {class_path: ...}``), as the
+    volumetric recipes do; the 2D recipes give ``SegmentationDataModule``'s arguments directly."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--data.class_path", "--data=")) or (arg == "--data" and i + 1 < len(argv)):
+            return True
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+        if arg.startswith("--config="):
+            path = arg.partition("=")[2]
+        if path and Path(path).is_file():
+            try:
+                config = yaml.safe_load(Path(path).read_text())
+            except (OSError, yaml.YAMLError):
+                continue  # LightningCLI reports unreadable configs itself
+            data = config.get("data") if isinstance(config, dict) else None
+            if isinstance(data, dict) and "class_path" in data:
+                return True
+    return False
+
+
 def main(command: str, argv: Sequence[str]) -> int:
     """Run ``samadapt <command> ARGS`` (fit, validate, test, predict) through LightningCLI."""
     if command not in COMMANDS:
@@ -92,9 +115,11 @@ def main(command: str, argv: Sequence[str]) -> int:
     try:
         resolved = _resolve_configs(argv)
         args = [command, *resolved]
+        subclass_data = _names_data_class(resolved)
         SamadaptCLI(
             SamTask,
-            SegmentationDataModule,
+            LightningDataModule if subclass_data else SegmentationDataModule,
+            subclass_mode_data=subclass_data,
             # from the console script sys.argv already holds these (and DDP relaunches from sys.argv)
             args=None if sys.argv[1:] == args else args,
             save_config_kwargs={"overwrite": True},

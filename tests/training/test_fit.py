@@ -32,16 +32,55 @@ def test_there_are_recipes_for_every_adapter_of_this_issue() -> None:
     } <= names
 
 
+def data_class(recipe: Path) -> str:
+    """The data module a recipe names (``data: {class_path: ...}``), or "" for the 2D default."""
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text()).get("data")
+    return str(data.get("class_path", "")) if isinstance(data, dict) else ""
+
+
+@pytest.fixture(scope="module")
+def volume_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small synthetic CT-like NIfTI cases (imagesTr/labelsTr) with a bright box labelled 2."""
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("volumes")
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        image = rng.normal(0, 20, (40, 36, 30)).astype(np.float32)
+        label = np.zeros(image.shape, np.uint8)
+        label[10:24, 8:20, 6:18] = 2
+        image[label == 2] += 120
+        for folder, array in (("imagesTr", image), ("labelsTr", label)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(
+                nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0])), str(root / folder / f"c{i}.nii.gz")
+            )
+    return root
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
 def test_every_recipe_runs_fast_dev_run(
-    recipe: Path, tiny_base: Path, data_root: Path, tmp_path: Path
+    recipe: Path, tiny_base: Path, data_root: Path, volume_root: Path, tmp_path: Path
 ) -> None:
     header = recipe.read_text().splitlines()[0]
     assert header.startswith("# ") and len(header) > 20  # says what it trains
     assert "samadapt fit --config" in recipe.read_text()
+    named = data_class(recipe)
+    data = ["--data.root", data_root, "--data.batch_size", "2"]
+    if named:  # recipes that name their data module (RsPrompter: instances; volumetric: 3D patches)
+        data = ["--data.init_args.root", data_root, "--data.init_args.batch_size", "2"]
+    if named.endswith("VolumetricDataModule"):
+        data = ["--data.init_args.root", volume_root, "--data.init_args.batch_size", "1"]
+        if recipe.name != "tiny.yaml":  # ViT-B-sized patches take minutes per step on a CPU: parse only
+            proc = run_samadapt("fit", "--config", recipe, *data, "--print_config", cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "samadapt.adapters.volumetric.VolumetricAdapter" in proc.stdout
+            return
     proc = run_samadapt(
-        "fit", "--config", recipe, "--model.base", tiny_base, "--data.root", data_root,
-        "--trainer.fast_dev_run=1", "--data.batch_size", "2", "--out", tmp_path / "adapter",
+        "fit", "--config", recipe, "--model.base", tiny_base, *data,
+        "--trainer.fast_dev_run=1", "--out", tmp_path / "adapter",
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
