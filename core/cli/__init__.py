@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from samadapt.cli import demo, evaluate, info, segment, serve, train
+from samadapt.cli import demo, evaluate, geo, info, segment, serve, train
 from samadapt.cli.common import Parser, is_volume_path, load_predictor
 from samadapt.cli.train import TRAINING_COMMANDS
 from samadapt.errors import SamadaptError
@@ -27,6 +27,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "info": info.run,
     "evaluate": evaluate.run,
     "serve": serve.run,
+    "geo": geo.run,
 }
 
 _EPILOG = """\
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.register(sub)
     evaluate.register(sub)
     serve.register(sub)
+    geo.register(sub)
     train.register(sub)
     return parser
 
