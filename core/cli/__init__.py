@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from samadapt.cli import demo, evaluate, geo, info, segment, serve, train
+from samadapt.cli import demo, evaluate, geo, info, segment, serve, train, volumetric
 from samadapt.cli.common import Parser, is_volume_path, load_predictor
 from samadapt.cli.train import TRAINING_COMMANDS
 from samadapt.errors import SamadaptError
@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments and arguments[0] in TRAINING_COMMANDS:
         command, rest = arguments[0], arguments[1:]
         return _guarded(command, lambda: train.run(command, rest))
+    if arguments and arguments[0] == "segment" and volumetric.wants(arguments[1:]):
+        # a volumetric adapter takes 3D clicks (--point I J K), which the 2D parser cannot
+        return _guarded("segment", lambda: volumetric.main(arguments[1:]))
     args = build_parser().parse_args(arguments)
     return _guarded(args.command, lambda: _HANDLERS[args.command](args))
 
