@@ -11,7 +11,12 @@ slice (core/assets/demo_ct.png) resized to ``--size`` pixels. Both run fp32 on t
 - random weights predict low IoUs and logits within +-1, so no mask passes the default thresholds (0.88 /
   0.95); agreement and decoder-only time are also reported with the thresholds off (``--low-iou``,
   ``--low-stability``, on a ``--low-grid`` grid to keep the run short; empty masks are not matched);
-- LiteMedSAM (real weights) time per image at its 256 input, on the 512 x 512 slice.
+- LiteMedSAM (real weights) time per image at its 256 input, on the 512 x 512 slice;
+- agreement with TRAINED weights: LiteMedSAM's real prompt encoder and mask decoder in segment-anything's
+  ``Sam`` (tests/oracles.py) and in ours, both fed our LiteMedSAM embedding of the 512 x 512 slice,
+  multimask output (segment-anything's only mode), ``--lite-grid`` grid; LiteMedSAM's multimask tokens
+  were never trained (box prompts, single-mask token), so every threshold above 0 keeps nothing in both:
+  the thresholds are off (``--lite-iou``/``--lite-stability``) and box NMS at 0.7 decides what is kept.
 
     .venv/bin/python benchmarks/amg_speed.py [--grid 32] [--size 1024] [--threads 2] [--json out.json]
 """
@@ -112,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low-grid", type=int, default=16, help="grid side for the lowered thresholds")
     parser.add_argument("--low-nms", type=float, default=0.7, help="box NMS with the lowered thresholds")
     parser.add_argument("--only-lowered", action="store_true", help="skip the default row and LiteMedSAM")
+    parser.add_argument("--lite-grid", type=int, default=16, help="grid side for the LiteMedSAM agreement")
+    parser.add_argument("--lite-iou", type=float, default=0.0, help="pred_iou_thresh there")
+    parser.add_argument("--lite-stability", type=float, default=0.0, help="stability_score_thresh there")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,9 +196,38 @@ def main(argv: list[str] | None = None) -> int:
         f"LiteMedSAM (real weights, 256 input, {generator.predictor.precision}) on the "
         f"{slice_256.shape[1]}x{slice_256.shape[0]} slice: {lite_s:.2f} s per image, {len(lite_result)} masks"
     )
+    results["lite_medsam_agreement"] = lite_agreement(slice_256, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def lite_agreement(image: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Both generators on LiteMedSAM's trained decoder weights and one shared embedding (see above)."""
+    from oracles import lite_medsam_decoder_in_segment_anything
+    from segment_anything import SamAutomaticMaskGenerator
+
+    lite = load_model(verified_default_checkpoint(), variant="lite_medsam")
+    ours = AutomaticMaskGenerator(Predictor(lite, precision="fp32"), points_per_side=args.lite_grid)
+    with torch.inference_mode():
+        embedding = ours.predictor.embed([image])[0]
+    theirs = SamAutomaticMaskGenerator(
+        lite_medsam_decoder_in_segment_anything(), points_per_side=args.lite_grid
+    )
+    state = theirs.predictor  # their predictor holds our embedding; set_image/reset_image do nothing
+    state.features, state.is_image_set = embedding.embedding, True
+    state.original_size, state.input_size = embedding.original_size, embedding.resized_size
+    with torch.inference_mode():
+        row = run_pair(ours, theirs, embedding, image, args.lite_iou, args.lite_stability)
+    row["grid"] = args.lite_grid
+    print(
+        f"LiteMedSAM decoder weights in both, {args.lite_grid}x{args.lite_grid} grid, iou>{args.lite_iou} "
+        f"stab>={args.lite_stability}: masks theirs {row['theirs_masks']}, ours {row['ours_masks']}; theirs "
+        f"found by ours: {row['found_05']:.1%} at IoU>=0.5, {row['found_09']:.1%} at IoU>=0.9 (mean best IoU "
+        f"{row['mean_best_iou']:.4f}); decoding theirs {row['theirs_decoder_s']:.2f} s, ours "
+        f"{row['ours_decoder_s']:.2f} s (x{row['decoder_ratio']:.2f})"
+    )
+    return row
 
 
 if __name__ == "__main__":

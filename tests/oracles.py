@@ -134,6 +134,42 @@ def lite_medsam_reference() -> nn.Module:
     return model.eval()
 
 
+def lite_medsam_decoder_in_segment_anything() -> nn.Module:
+    """segment-anything's ``Sam`` holding LiteMedSAM's real prompt encoder and mask decoder (256 frame).
+
+    Its image encoder is a stub that only carries ``img_size`` (256): callers set the predictor's
+    ``features``/``input_size``/``original_size`` from an embedding computed elsewhere, so the two
+    automatic mask generators can be compared on identical trained decoder weights and embeddings.
+    """
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    class EncoderStub(nn.Module):
+        img_size = LITE_SIDE
+
+    sam = Sam(
+        image_encoder=EncoderStub(),  # type: ignore[arg-type]
+        prompt_encoder=PromptEncoder(
+            embed_dim=256,
+            image_embedding_size=(LITE_SIDE // 4, LITE_SIDE // 4),
+            input_image_size=(LITE_SIDE, LITE_SIDE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+    state = lite_medsam_weights()
+    decoder_state = {k: v for k, v in state.items() if k.split(".")[0] in ("prompt_encoder", "mask_decoder")}
+    missing, unexpected = sam.load_state_dict(decoder_state, strict=False)
+    if unexpected or any(k.startswith(("prompt_encoder", "mask_decoder")) for k in missing):
+        raise RuntimeError(f"LiteMedSAM decoder weights do not fit: {missing} {unexpected}")
+    return sam.eval()
+
+
 def lite_medsam_ours() -> nn.Module:
     """Our LiteMedSAM through the public loader."""
     import samadapt
