@@ -29,24 +29,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from samadapt.modeling.common import linear
+from samadapt.modeling.common import LayerNorm2d, linear
 from samadapt.modeling.image_encoder_vit import Attention, ImageEncoderViT, relative_positions
 
 
-class LayerNorm3d(nn.Module):
-    """LayerNorm over the channel axis of a (B, C, X, Y, Z) tensor."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
+class LayerNorm3d(LayerNorm2d):
+    """LayerNorm over the channel axis of a (B, C, X, Y, Z) tensor (the core's channel LayerNorm)."""
 
 
 class DepthwiseAdapter3D(nn.Module):

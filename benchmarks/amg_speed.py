@@ -120,10 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lite-grid", type=int, default=16, help="grid side for the LiteMedSAM agreement")
     parser.add_argument("--lite-iou", type=float, default=0.0, help="pred_iou_thresh there")
     parser.add_argument("--lite-stability", type=float, default=0.0, help="stability_score_thresh there")
+    parser.add_argument(
+        "--only-lite-agreement", action="store_true", help="run only the LiteMedSAM agreement section"
+    )
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_model()}, {args.threads} threads, torch {torch.__version__}")
+    if args.only_lite_agreement:
+        row = lite_agreement(demo_slice(), args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"lite_medsam_agreement": row}, indent=1) + "\n")
+        return 0
     image = demo_slice(args.size)
     ours_model, reference = sam_vit_b_pair()
     results: dict[str, Any] = {

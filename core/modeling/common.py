@@ -21,11 +21,12 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
+        """x: (B, C, H, W) -> (B, C, H, W); any number of trailing spatial axes (3D: (B, C, X, Y, Z))."""
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        per_channel = (-1,) + (1,) * (x.ndim - 2)  # (C, 1, 1) or (C, 1, 1, 1)
+        return self.weight.view(per_channel) * x + self.bias.view(per_channel)
 
 
 _fused_kernels_enabled = True
