@@ -225,6 +225,8 @@ def lite_agreement(image: np.ndarray, args: argparse.Namespace) -> dict[str, Any
     state = theirs.predictor  # their predictor holds our embedding; set_image/reset_image do nothing
     state.features, state.is_image_set = embedding.embedding, True
     state.original_size, state.input_size = embedding.original_size, embedding.resized_size
+    state.set_image = lambda *a, **k: None
+    state.reset_image = lambda *a, **k: None
     with torch.inference_mode():
         row = run_pair(ours, theirs, embedding, image, args.lite_iou, args.lite_stability)
     row["grid"] = args.lite_grid

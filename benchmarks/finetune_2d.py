@@ -105,10 +105,19 @@ def samadapt_executable() -> str:
 
 
 def train(
-    name: str, data_root: Path, work: Path, args: argparse.Namespace, extra: list[str]
+    name: str,
+    data_root: Path,
+    work: Path,
+    args: argparse.Namespace,
+    extra: list[str],
+    recipe: str | None = None,
 ) -> dict[str, object]:
-    """Run one ``samadapt fit`` child in ``work`` (its runs/ land there); wall time and peak RSS."""
-    recipe = RECIPES[name][0]
+    """Run one ``samadapt fit`` child in ``work`` (its runs/ land there); wall time and peak RSS.
+
+    ``recipe`` (a path relative to the repository) defaults to ``RECIPES[name]``; ``args`` needs
+    ``steps``, ``batch_size``, ``val_checks`` and ``val_batches``.
+    """
+    recipe = recipe or RECIPES[name][0]
     out = work / "adapters" / name
     interval = max(1, args.steps // args.val_checks)
     command = [
