@@ -219,6 +219,18 @@ class SegmentationSamples(Dataset):
         }
 
 
+def trainer_profile(datamodule: Any) -> PreprocessProfile:
+    """The preprocessing profile of the model a data module's trainer trains (the task's ``profile``)."""
+    trainer = datamodule.trainer
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    found = getattr(module, "profile", None)
+    if isinstance(found, dict):
+        found = PreprocessProfile.from_dict(found)
+    if not isinstance(found, PreprocessProfile):
+        raise InputError("the data module needs a preprocessing profile: set .profile or train a model")
+    return found
+
+
 class SegmentationDataModule(lightning.LightningDataModule):
     """2D segmentation samples for ``samadapt fit/validate/test/predict`` (see the module docstring).
 
@@ -281,15 +293,7 @@ class SegmentationDataModule(lightning.LightningDataModule):
 
     def _resolve_profile(self) -> PreprocessProfile:
         if self.profile is None:
-            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-            found = getattr(module, "profile", None)
-            if isinstance(found, dict):
-                found = PreprocessProfile.from_dict(found)
-            if not isinstance(found, PreprocessProfile):
-                raise InputError(
-                    "the data module needs a preprocessing profile: set .profile or train a model"
-                )
-            self.profile = found
+            self.profile = trainer_profile(self)
         return self.profile
 
     def setup(self, stage: str | None = None) -> None:

@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from samadapt.cli.common import check_volume_flags, check_volume_output, is_volume_path, load_predictor
+from samadapt.cli.common import (
+    check_volume_flags,
+    check_volume_output,
+    is_volume_path,
+    load_predictor,
+    mask_generator,
+)
 from samadapt.errors import InputError
 
 HINT = (
@@ -87,22 +93,6 @@ def check_auto_args(args: argparse.Namespace) -> None:
         raise InputError(f"--json folder does not exist: {Path(args.json).parent}")
 
 
-def _generator(predictor: Any, args: argparse.Namespace) -> Any:
-    from samadapt.automatic import AutomaticMaskGenerator
-
-    return AutomaticMaskGenerator(
-        predictor,
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_thresh,
-        stability_score_offset=args.stability_offset,
-        min_mask_region_area=args.min_area,
-        crop_n_layers=args.crop_layers,
-        multimask_output=not args.single_mask,
-    )
-
-
 def _prompt_free(predictor: Any, embedding: Any) -> np.ndarray:
     """(H, W) uint16 label map from a prompt-generator model (AutoSAM), no prompt given.
 
@@ -155,7 +145,7 @@ def _segment_2d(args: argparse.Namespace) -> int:
         document: dict[str, Any] = {"size": list(labels.shape), "prompt_free": True, "area": area}
         what = f"prompt-free mask, {area} pixels"
     else:
-        result = _generator(predictor, args).generate(image)
+        result = mask_generator(predictor, args).generate(image)
         label_map = result.label_map()
         labels = label_map.astype(np.uint8 if len(result) <= 255 else np.uint16)
         document = result.to_dict()
@@ -186,7 +176,7 @@ def _segment_volume(args: argparse.Namespace) -> int:
     image = apply_intensity(volume.array, preset=preset, window=tuple(args.window) if args.window else None)
     predictor, described = load_predictor(args)
     prompt_free = predictor.model.prompt_generator is not None
-    generator = None if prompt_free else _generator(predictor, args)
+    generator = None if prompt_free else mask_generator(predictor, args)
     if generator is not None and args.crop_layers:
         raise InputError("--crop-layers is for 2D images; volumes run the grid on whole slices")
     total = slice_count(volume.shape, args.axis)

@@ -197,6 +197,24 @@ def check_volume_output(output: Path) -> None:
         raise InputError(f"output folder does not exist: {output.parent}")
 
 
+def mask_generator(predictor: Any, args: argparse.Namespace) -> Any:
+    """The automatic mask generator the ``--auto`` flags describe (``segment --auto``, ``geo --auto``);
+    ``--crop-layers`` only where the command has it."""
+    from samadapt.automatic import AutomaticMaskGenerator
+
+    return AutomaticMaskGenerator(
+        predictor,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
+        stability_score_offset=args.stability_offset,
+        min_mask_region_area=args.min_area,
+        crop_n_layers=getattr(args, "crop_layers", 0),
+        multimask_output=not args.single_mask,
+    )
+
+
 def is_volume_path(path: str) -> bool:
     """A folder (DICOM series) or a file name ending in one of the medical reader's suffixes."""
     from samadapt.domains.medical.io import READ_SUFFIXES

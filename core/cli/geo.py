@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from samadapt.cli.common import adapter_dir, add_model_args, load_predictor
+from samadapt.cli.common import adapter_dir, add_model_args, load_predictor, mask_generator
 from samadapt.errors import InputError
 
 _VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".fgb", ".shp")
@@ -286,19 +286,8 @@ def _write_vectors(args: argparse.Namespace, records: dict[int, dict[str, Any]],
 
 
 def _generator(predictor: Any, args: argparse.Namespace) -> Any:
-    from samadapt.automatic import AutomaticMaskGenerator
-
     if predictor.model.prompt_generator is not None:
         raise InputError(
             "--auto on rasters runs the point grid; this adapter's own prompts are not tiled yet"
         )
-    return AutomaticMaskGenerator(
-        predictor,
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_thresh,
-        stability_score_offset=args.stability_offset,
-        min_mask_region_area=args.min_area,
-        multimask_output=not args.single_mask,
-    )
+    return mask_generator(predictor, args)

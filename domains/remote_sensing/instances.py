@@ -44,6 +44,7 @@ from samadapt.domains.remote_sensing.instance_sources import (
     raster_tiles,
 )
 from samadapt.domains.remote_sensing.tiling import encoder_input
+from samadapt.domains.segmentation_data import trainer_profile
 from samadapt.errors import InputError
 from samadapt.preprocess import PreprocessProfile, preprocess_mask
 
@@ -180,15 +181,7 @@ class InstanceDataModule(lightning.LightningDataModule):
 
     def _resolve_profile(self) -> PreprocessProfile:
         if self.profile is None:
-            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-            found = getattr(module, "profile", None)
-            if isinstance(found, dict):
-                found = PreprocessProfile.from_dict(found)
-            if not isinstance(found, PreprocessProfile):
-                raise InputError(
-                    "the data module needs a preprocessing profile: set .profile or train a model"
-                )
-            self.profile = found
+            self.profile = trainer_profile(self)
         return self.profile
 
     def _tiles(self, tile: int) -> tuple[list[Tile], list[Tile]]:
