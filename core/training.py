@@ -172,7 +172,15 @@ class SamTask(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """Masks and predicted IoUs of a batch of images with prompts (a dict of tensors).
+
+        Any other batch (e.g. a list of jobs naming GeoTIFFs of any size) is returned untouched: a huge
+        raster's tiles stream in and out of the model window by window, so that per-raster pass lives in
+        the data module's prediction writer, which calls ``self.model`` itself.
+        """
+        if not isinstance(batch, dict):
+            return batch
         generator = torch.Generator().manual_seed(batch_idx)
         logits, iou, masks = self._forward(batch, generator)
         full = _to_target_size(logits, masks)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from samadapt.cli.common import adapter_dir, add_model_args, load_predictor, mask_generator
+from samadapt.cli.common import adapter_dir, add_model_args, load_predictor
 from samadapt.errors import InputError
 
-_VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".fgb", ".shp")
 _HINT = (
     "note: no mask passed the thresholds; LiteMedSAM (the default weights) was trained on boxes: try "
     "--single-mask --pred-iou-thresh 0.3 --stability-thresh 0.5 --stability-offset 0.5"
@@ -147,147 +145,69 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"output must end in .tif or .tiff: {output.name}")
     if not output.parent.is_dir():
         raise InputError(f"output folder does not exist: {output.parent}")
-    if args.vector:
-        vector = Path(args.vector)
-        if vector.suffix.lower() not in _VECTOR_SUFFIXES:
-            raise InputError(f"--vector must end in one of {', '.join(_VECTOR_SUFFIXES)}: {vector.name}")
-        if not vector.parent.is_dir():
-            raise InputError(f"--vector folder does not exist: {vector.parent}")
-    if args.simplify is not None and not args.simplify > 0:
-        raise InputError(f"--simplify must be a positive distance, got {args.simplify}")
-    if args.tile is not None and args.tile < 16:
-        raise InputError(f"--tile must be at least 16 pixels, got {args.tile}")
-    if args.overlap is not None and args.overlap < 0:
-        raise InputError(f"--overlap must be 0 or more, got {args.overlap}")
-    if args.points_per_side < 1 or args.points_per_batch < 1 or args.min_area < 0:
-        raise InputError("--points-per-side and --points-per-batch must be >= 1, --min-area >= 0")
-    if not 0 < args.merge_iou <= 1:
-        raise InputError(f"--merge-iou must be in (0, 1], got {args.merge_iou}")
+    if args.vector and not Path(args.vector).parent.is_dir():
+        raise InputError(f"--vector folder does not exist: {Path(args.vector).parent}")
     if not Path(args.input).is_file():
         raise InputError(f"raster not found: {args.input}")
     adapter_dir(args)
 
 
+def _options(args: argparse.Namespace) -> Any:
+    """The flags as the pipeline's options (checked: bad values end in one line before any slow work)."""
+    from samadapt.domains.remote_sensing.pipeline import SegmentOptions
+
+    points = [(x, y, 1) for x, y in args.point or []] + [(x, y, 0) for x, y in args.negative_point or []]
+    options = SegmentOptions(
+        output=args.output,
+        vector=args.vector,
+        mode="auto" if args.auto else "prompts",
+        prompts=args.prompts,
+        boxes=tuple(tuple(b) for b in args.box or []),
+        points=tuple(points),
+        crs=args.crs,
+        bands=tuple(args.bands) if args.bands else None,
+        resolution=args.resolution,
+        tile=args.tile,
+        overlap=args.overlap,
+        zoom=args.zoom,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        cog=args.cog,
+        simplify=args.simplify,
+        progress=not args.no_progress,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_thresh=args.stability_thresh,
+        stability_offset=args.stability_offset,
+        min_area=args.min_area,
+        single_mask=args.single_mask,
+        merge_iou=args.merge_iou,
+    )
+    options.check()
+    return options
+
+
 def _segment(args: argparse.Namespace) -> int:
-    from samadapt.domains.remote_sensing.cache import EmbeddingCache
-    from samadapt.domains.remote_sensing.prompts import cli_prompts, vector_prompts
-    from samadapt.domains.remote_sensing.raster import GeoRaster
-    from samadapt.domains.remote_sensing.segment import segment_auto, segment_prompts
-    from samadapt.domains.remote_sensing.tiling import TileGrid
-    from samadapt.domains.remote_sensing.writers import GeoTiffWriter
+    from samadapt.domains.remote_sensing.pipeline import run_raster
 
     _check_args(args)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    skipped: list[str] = []
-    with GeoRaster.open(args.input, bands=args.bands, resolution=args.resolution) as raster:
-        prompts: list[Any] = []
-        if args.prompts:
-            prompts, skipped = vector_prompts(args.prompts, raster)
-            if not prompts:
-                raise InputError(
-                    f"no feature of {Path(args.prompts).name} lies in the raster ({len(skipped)} skipped)"
-                )
-        elif not args.auto:
-            points = [[*list(p), 1] for p in args.point or []] + [
-                [*list(p), 0] for p in args.negative_point or []
-            ]
-            prompts = cli_prompts(args.box, points or None, args.crs, raster)
-        timings["open"] = time.perf_counter() - start
-        mark = time.perf_counter()
-        predictor, described = load_predictor(args)
-        tile = args.tile or int(predictor.profile.input_size)
-        overlap = args.overlap if args.overlap is not None else max(tile // 8, 0)
-        grid = TileGrid(raster.width, raster.height, tile, overlap)  # checks --tile/--overlap
-        cache = EmbeddingCache.for_raster(
-            args.cache_dir, raster, predictor.model, predictor.precision, enabled=not args.no_cache
-        )
-        timings["model"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        tags = {
-            "software": "samadapt geo segment",
-            "model": described,
-            "mode": "auto" if args.auto else "prompts",
-        }
-        progress = not args.no_progress
-        if args.auto:
-            generator = _generator(predictor, args)
-            with GeoTiffWriter(args.output, like=raster, dtype="int32", cog=args.cog, tags=tags) as writer:
-                records = segment_auto(
-                    generator, raster, grid, writer, cache=cache, merge_iou=args.merge_iou, progress=progress
-                )
-        else:
-            highest = len(prompts)
-            dtype = "uint8" if highest < 255 else "uint16" if highest < 65535 else "int32"
-            with GeoTiffWriter(args.output, like=raster, dtype=dtype, cog=args.cog, tags=tags) as writer:
-                records = segment_prompts(
-                    predictor,
-                    raster,
-                    prompts,
-                    writer,
-                    zoom=args.zoom,
-                    tile=tile,
-                    cache=cache,
-                    progress=progress,
-                )
-        timings["segment"] = time.perf_counter() - mark
-        crs = raster.crs
-    mark = time.perf_counter()
-    if args.vector:
-        _write_vectors(args, records, crs)
-        timings["vectors"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - start
-    found = sum(1 for r in records.values() if r["pixels"] > 0)
-    summary = {
-        "input": str(args.input),
-        "output": str(args.output),
-        "vector": args.vector,
-        "mode": "auto" if args.auto else "prompts",
-        "model": described,
-        "tile": tile,
-        "overlap": overlap,
-        "tiles": len(grid) if args.auto else None,
-        "prompts": len(prompts),
-        "instances": found,
-        "skipped": skipped,
-        "zoomed": sum(1 for r in records.values() if r.get("zoomed")),
-        "cache": {"dir": str(cache.folder), "hits": cache.hits, "misses": cache.misses},
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "records": list(records.values()),
-    }
+    summary = run_raster(lambda: load_predictor(args), args.input, _options(args))
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
+    skipped, found, cache = summary["skipped"], summary["instances"], summary["cache"]
     if skipped:
         print(f"note: skipped {len(skipped)} feature(s) outside the raster: {', '.join(skipped)}")
     if args.auto and not found:
         print(_HINT)
-    what = f"{len(grid)} tile(s)" if args.auto else f"{len(prompts)} prompt(s), {summary['zoomed']} zoomed"
+    what = (
+        f"{summary['tiles']} tile(s)"
+        if args.auto
+        else f"{summary['prompts']} prompt(s), {summary['zoomed']} zoomed"
+    )
     print(
-        f"{args.output}: {found} instance(s) from {what} ({described}; embeddings: {cache.hits} cached, "
-        f"{cache.misses} computed; {timings['total']:.1f} s)"
+        f"{args.output}: {found} instance(s) from {what} ({summary['model']}; embeddings: {cache['hits']} "
+        f"cached, {cache['misses']} computed; {summary['timings']['total']:.1f} s)"
     )
     return 0
-
-
-def _scalar_record(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if v is None or isinstance(v, bool | int | float | str)}
-
-
-def _write_vectors(args: argparse.Namespace, records: dict[int, dict[str, Any]], crs: Any) -> None:
-    from samadapt.domains.remote_sensing.vectors import polygonize, write_vectors
-
-    polygons = polygonize(args.output)
-    fields = {
-        n: {k: v for k, v in _scalar_record(r).items() if k not in ("pixels", "window")}
-        for n, r in records.items()
-    }
-    write_vectors(args.vector, polygons, fields, crs, simplify=args.simplify)
-
-
-def _generator(predictor: Any, args: argparse.Namespace) -> Any:
-    if predictor.model.prompt_generator is not None:
-        raise InputError(
-            "--auto on rasters runs the point grid; this adapter's own prompts are not tiled yet"
-        )
-    return mask_generator(predictor, args)

@@ -28,6 +28,10 @@ class SamadaptCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--out", default=None, help="folder for the trained adapter (after fit)")
 
+    def after_predict(self) -> None:
+        """Count what prediction writers could not write (a callback's ``failed`` list); ``main`` exits 1."""
+        self.failed_outputs = sum(len(getattr(cb, "failed", None) or []) for cb in self.trainer.callbacks)
+
     def after_fit(self) -> None:
         trainer, task = self.trainer, self.model
         assert isinstance(task, SamTask)
@@ -116,7 +120,7 @@ def main(command: str, argv: Sequence[str]) -> int:
         resolved = _resolve_configs(argv)
         args = [command, *resolved]
         subclass_data = _names_data_class(resolved)
-        SamadaptCLI(
+        cli = SamadaptCLI(
             SamTask,
             LightningDataModule if subclass_data else SegmentationDataModule,
             subclass_mode_data=subclass_data,
@@ -127,5 +131,9 @@ def main(command: str, argv: Sequence[str]) -> int:
         )
     except SamadaptError as exc:
         print(f"samadapt {command}: error: {exc}", file=sys.stderr)
+        return 1
+    failed = int(getattr(cli, "failed_outputs", 0))
+    if failed:
+        print(f"samadapt {command}: {failed} input(s) failed (see above); the others were written", file=sys.stderr)
         return 1
     return 0

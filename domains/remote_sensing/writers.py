@@ -249,6 +249,9 @@ class GeoTiffWriter:
                 BIGTIFF="IF_SAFER",
             )
             current = cog
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(current, 0o666 & ~umask)  # mkstemp made it owner-only; a plain file gets the umask's mode
         os.replace(current, self.path)
 
     def _back_to_source(self, working: Path) -> Path:

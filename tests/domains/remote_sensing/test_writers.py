@@ -87,6 +87,21 @@ def test_output_has_the_inputs_grid_and_nodata_where_input_invalid(tmp_path: Pat
     assert _files(tmp_path) == ["mask.tif"]
 
 
+def test_output_file_mode_follows_the_umask_not_the_temp_files_owner_only_mode(
+    synthetic: GeoRaster, tmp_path: Path
+) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with GeoTiffWriter(tmp_path / "mask.tif", like=synthetic) as writer:
+            writer.write(Window(0, 0, 4, 4), np.ones((4, 4), np.uint8))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "mask.tif").stat().st_mode) == 0o644  # mkstemp alone gives 0o600
+
+
 def test_windows_past_the_edge_are_clipped_and_read_back(synthetic: GeoRaster, tmp_path: Path) -> None:
     out = tmp_path / "ids.tif"
     with GeoTiffWriter(out, like=synthetic, dtype="uint16", nodata=None) as writer:
