@@ -134,6 +134,9 @@ def main(command: str, argv: Sequence[str]) -> int:
         return 1
     failed = int(getattr(cli, "failed_outputs", 0))
     if failed:
-        print(f"samadapt {command}: {failed} input(s) failed (see above); the others were written", file=sys.stderr)
+        print(
+            f"samadapt {command}: {failed} input(s) failed (see above); the others were written",
+            file=sys.stderr,
+        )
         return 1
     return 0
