@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from samadapt.errors import InputError
 from samadapt.modeling import EncoderOutput, PromptBatch, SamModel
 from samadapt.precision import PrecisionPlan, plan_precision
 from samadapt.preprocess import postprocess_logits, preprocess
+
+if TYPE_CHECKING:
+    from samadapt.adapter import Adapter
 
 
 @dataclass
@@ -71,6 +75,9 @@ class Predictor:
             the light decoder in fp32. ``auto`` is the fastest plan that keeps fp32 masks on this machine
             (:mod:`samadapt.autoprecision`): bf16 in the quality-checked parts of the encoder where that
             is measurably faster (``precision`` then reads ``bf16-partial``), else fp32.
+        adapter: the adapter attached to ``model``, when the caller holds it (``load_predictor`` does): what
+            an adapter offers beyond SAM's prompts (an instance adapter's ``predict_encoded``) is reached
+            through it. None for a plain core; the model runs the same either way.
 
     Attributes:
         precision: the precision used: ``fp32``, ``bf16``, ``fp16`` or ``bf16-partial``.
@@ -80,7 +87,14 @@ class Predictor:
             propagation=True)``): the same, or fp32 where ``auto``'s plan was not checked on propagation.
     """
 
-    def __init__(self, model: SamModel, device: str | torch.device | None = "cpu", precision: str = "auto"):
+    def __init__(
+        self,
+        model: SamModel,
+        device: str | torch.device | None = "cpu",
+        precision: str = "auto",
+        adapter: Adapter | None = None,
+    ):
+        self.adapter = adapter
         self.device = pick_device(device)
         # channels-last convolutions are ~25% faster on CPU (oneDNN) and on CUDA tensor cores
         self.model = model.to(self.device).to(memory_format=torch.channels_last)

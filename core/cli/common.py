@@ -162,13 +162,14 @@ def load_predictor(args: argparse.Namespace) -> tuple[Any, str]:
     source = resolve_checkpoint(args.checkpoint)
     model = load_model(source.path, variant=args.variant or source.variant)
     attached = ""
+    adapter = None
     if adapter_path is not None:
         from samadapt.adapter import load_adapter
 
         # merged where the method allows (LoRA): inference then runs plain SAM with its fast paths
         adapter = load_adapter(adapter_path, model, base_sha256=checkpoint_sha256(source.path), merge=True)
         attached = f" + adapter {_adapter_kind(adapter)} from {adapter_path}"
-    predictor = Predictor(model, device=args.device, precision=args.precision)
+    predictor = Predictor(model, device=args.device, precision=args.precision, adapter=adapter)
     precision = predictor.precision
     if predictor.propagation_plan is not predictor.precision_plan:
         precision += f" (volume propagation: {predictor.propagation_plan.precision})"

@@ -219,11 +219,17 @@ def _write_vectors(options: SegmentOptions, records: dict[int, dict[str, Any]], 
 
 
 def _generator(predictor: Any, options: SegmentOptions) -> Any:
-    """The automatic mask generator of ``geo segment --auto`` (one builder: ``cli.common``)."""
+    """What ``geo segment --auto`` runs on each tile: an instance adapter's own predictions (RsPrompter,
+    ``--adapter``), else the automatic mask generator (one builder: ``cli.common``)."""
     from samadapt.cli.common import mask_generator
+    from samadapt.domains.remote_sensing.instance_tiles import AdapterInstances, instance_adapter
 
+    adapter = instance_adapter(predictor)
+    if adapter is not None:
+        return AdapterInstances(predictor, adapter, min_area=options.min_area)
     if predictor.model.prompt_generator is not None:
         raise InputError(
-            "--auto on rasters runs the point grid; this adapter's own prompts are not tiled yet"
+            "--auto on rasters runs the point grid or an instance adapter (RsPrompter); this adapter's "
+            "per-class prompts (AutoSAM) are not tiled yet"
         )
     return mask_generator(predictor, options)  # type: ignore[arg-type]
