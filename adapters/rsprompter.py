@@ -224,7 +224,9 @@ class RsPrompterBase(Adapter):
         return self._predict(model, model.encode(images), images.shape[-1])
 
     @torch.no_grad()
-    def predict_encoded(self, model: SamModel, encoded: EncoderOutput, size: int) -> list[dict[str, torch.Tensor]]:
+    def predict_encoded(
+        self, model: SamModel, encoded: EncoderOutput, size: int
+    ) -> list[dict[str, torch.Tensor]]:
         """:meth:`predict_instances` from already encoded images (a cached embedding with the features the
         aggregator reads), ``size`` the encoder's input side S."""
         return self._predict(model, encoded, size)
