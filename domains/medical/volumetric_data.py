@@ -124,6 +124,8 @@ class VolumePatches(Dataset):
     Args:
         cases: prepared cases. patch: (S0, S1, S2). pos, neg: foreground/background centre ratio.
         seed: fixed seed (validation: the same patches every epoch); None draws fresh ones.
+        intensity_shift, intensity_scale: MONAI ``RandShiftIntensityd`` offsets and ``RandScaleIntensityd``
+            factors on the z-scored image (each applied with probability 0.8); 0 turns it off.
     """
 
     def __init__(
@@ -134,10 +136,18 @@ class VolumePatches(Dataset):
         neg: float,
         samples_per_volume: int,
         seed: int | None = None,
+        intensity_shift: float = 0.0,
+        intensity_scale: float = 0.0,
     ) -> None:
-        from monai.transforms import RandCropByPosNegLabeld
+        from monai.transforms import Compose, RandCropByPosNegLabeld, RandScaleIntensityd, RandShiftIntensityd
 
         self.cases, self.samples_per_volume, self.seed = cases, samples_per_volume, seed
+        steps: list[Any] = []
+        if intensity_shift > 0:
+            steps.append(RandShiftIntensityd(keys="image", offsets=float(intensity_shift), prob=0.8))
+        if intensity_scale > 0:
+            steps.append(RandScaleIntensityd(keys="image", factors=float(intensity_scale), prob=0.8))
+        self.augment = Compose(steps) if steps else None
         self.crop = RandCropByPosNegLabeld(
             keys=["image", "mask"],
             label_key="mask",
@@ -158,6 +168,9 @@ class VolumePatches(Dataset):
         else:
             self.crop.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,))))
         out = self.crop(dict(self.cases.volumes[case]))[0]  # type: ignore[arg-type]
+        if self.augment is not None:  # the crop's random state was just drawn: seed the augmentation from it
+            self.augment.set_random_state(seed=int(self.crop.R.randint(0, 2**31 - 1)))
+            out = self.augment(out)
         return {
             "image": torch.as_tensor(out["image"]).float().contiguous(),
             "mask": torch.as_tensor(out["mask"]).float().contiguous(),
@@ -178,6 +191,9 @@ class VolumetricDataModule(lightning.LightningDataModule):
         labels: label values forming the object (e.g. [2, 3] for both kidneys); None: any non-zero.
         pos, neg: ratio of foreground- and background-centred training patches (1:1).
         samples_per_volume: training patches per case and epoch.
+        intensity_shift: training patches get a random intensity offset in [-x, x] (z-score units; a contrast
+            phase moves an organ by about half a standard deviation); 0 turns it off.
+        intensity_scale: training patches are scaled by a random factor in [1 - x, 1 + x]; 0 turns it off.
         batch_size, num_workers: DataLoader settings.
         seed: seed of the case split and of the validation patches.
     """
@@ -196,6 +212,8 @@ class VolumetricDataModule(lightning.LightningDataModule):
         pos: float = 1.0,
         neg: float = 1.0,
         samples_per_volume: int = 4,
+        intensity_shift: float = 0.1,
+        intensity_scale: float = 0.1,
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
@@ -214,6 +232,9 @@ class VolumetricDataModule(lightning.LightningDataModule):
         self.mean, self.std = mean, std
         self.labels = None if labels is None else [int(v) for v in labels]
         self.pos, self.neg, self.samples_per_volume = pos, neg, samples_per_volume
+        if intensity_shift < 0 or not 0 <= intensity_scale < 1:
+            raise InputError("--data.intensity_shift must be >= 0 and intensity_scale in [0, 1)")
+        self.intensity_shift, self.intensity_scale = float(intensity_shift), float(intensity_scale)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_set: VolumePatches | None = None
         self.val_set: VolumePatches | None = None
@@ -251,7 +272,15 @@ class VolumetricDataModule(lightning.LightningDataModule):
         train = self._prepare(train_cases)
         if not any(bool(v["mask"].any()) for v in train.volumes):
             raise InputError(f"no object in the training labels of {self.root} (labels {self.labels})")
-        self.train_set = VolumePatches(train, self.patch, self.pos, self.neg, self.samples_per_volume)
+        self.train_set = VolumePatches(
+            train,
+            self.patch,
+            self.pos,
+            self.neg,
+            self.samples_per_volume,
+            intensity_shift=self.intensity_shift,
+            intensity_scale=self.intensity_scale,
+        )
         self.val_set = VolumePatches(self._prepare(val_cases), self.patch, 1.0, 0.0, 1, seed=self.seed)
 
     def _loader(self, dataset: VolumePatches, shuffle: bool) -> DataLoader:

@@ -307,6 +307,36 @@ def test_data_module_gives_balanced_patches_at_the_target_spacing(volume_root: P
     assert val["mask"][:, 0, SIDE // 2, SIDE // 2, SIDE // 2].eq(1).all()  # centred on the object
 
 
+def test_training_patches_get_intensity_augmentation_validation_patches_do_not(volume_root: Path) -> None:
+    from samadapt.domains.medical.volumetric_data import VolumePatches, VolumetricDataModule
+
+    def module(shift: float, scale: float) -> VolumetricDataModule:
+        data = VolumetricDataModule(
+            root=str(volume_root), val_fraction=0.34, patch=(SIDE, SIDE, SIDE), spacing=(1.5, 1.5, 1.5),
+            labels=[2], intensity_shift=shift, intensity_scale=scale,
+        )  # fmt: skip
+        data.setup()
+        return data
+
+    plain, augmented = module(0.0, 0.0), module(0.5, 0.2)
+    assert plain.train_set is not None and augmented.train_set is not None
+    differ = 0
+    for index in range(8):
+        torch.manual_seed(index)  # the same crop in both (the crop seed comes from torch)
+        a = plain.train_set[index]
+        torch.manual_seed(index)
+        b = augmented.train_set[index]
+        torch.testing.assert_close(a["mask"], b["mask"])  # same patch, labels untouched
+        inside = a["image"] != a["image"].min()
+        # an affine map of the intensities: b = a * (1 + f) + o for one factor f and offset o per patch
+        fit = np.polyfit(a["image"][inside].numpy(), b["image"][inside].numpy(), 1)
+        assert 0.8 - 1e-4 <= fit[0] <= 1.2 + 1e-4 and abs(fit[1]) <= 0.5 * 1.2 + 1e-3
+        differ += not torch.equal(a["image"], b["image"])
+    assert differ >= 4  # applied with probability 0.8 each
+    assert augmented.val_set is not None and augmented.val_set.augment is None  # validation stays as is
+    assert isinstance(augmented.val_set, VolumePatches)
+
+
 def test_smoke_fit_through_the_lightning_task(volume_root: Path, tmp_path: Path) -> None:
     import lightning as L
 
