@@ -30,7 +30,8 @@ class SamadaptCLI(LightningCLI):
 
     def after_predict(self) -> None:
         """Count what prediction writers could not write (a callback's ``failed`` list); ``main`` exits 1."""
-        self.failed_outputs = sum(len(getattr(cb, "failed", None) or []) for cb in self.trainer.callbacks)
+        callbacks: list[Any] = getattr(self.trainer, "callbacks", [])
+        self.failed_outputs = sum(len(getattr(cb, "failed", None) or []) for cb in callbacks)
 
     def after_fit(self) -> None:
         trainer, task = self.trainer, self.model

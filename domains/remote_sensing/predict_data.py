@@ -95,7 +95,8 @@ class _RankShard(DistributedSampler):
     """
 
     def __init__(self, size: int, replicas: int, rank: int) -> None:
-        super().__init__(range(size), num_replicas=replicas, rank=rank, shuffle=False, drop_last=False)
+        indexes: Any = range(size)  # a sized sequence is all DistributedSampler reads of its dataset
+        super().__init__(indexes, num_replicas=replicas, rank=rank, shuffle=False, drop_last=False)
         self.size = size
 
     def __iter__(self) -> Iterator[int]:
