@@ -70,8 +70,10 @@ def prepare_case(
     std: float | None,
     labels: Sequence[int] | None,
     patch: Sequence[int],
+    keep_values: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One case read, reoriented (RAS), resampled, normalised, label made binary, padded to ``patch``.
+    """One case read, reoriented (RAS), resampled, normalised, label made binary (or, with ``keep_values``,
+    the chosen label values kept), padded to ``patch``.
 
     Returns:
         ``image`` and ``mask``, each (1, S0, S1, S2) float32 tensors.
@@ -93,9 +95,10 @@ def prepare_case(
     data = _transforms(spacing)(data)
     values = _plain(data["mask"]).round()
     if labels is None:
-        mask = (values > 0).float()
+        mask = values.clamp(min=0) if keep_values else (values > 0).float()
     else:
-        mask = torch.isin(values, torch.tensor([float(v) for v in labels])).float()
+        chosen = torch.isin(values, torch.tensor([float(v) for v in labels]))
+        mask = values * chosen if keep_values else chosen.float()
     img = normalise_intensity(_plain(data["image"]), clip, mean, std)
     pad = SpatialPad(spatial_size=tuple(patch), mode="constant")
     background = float(img.min())
@@ -124,6 +127,8 @@ class VolumePatches(Dataset):
     Args:
         cases: prepared cases. patch: (S0, S1, S2). pos, neg: foreground/background centre ratio.
         seed: fixed seed (validation: the same patches every epoch); None draws fresh ones.
+        one_object: the cases' masks hold label values; each patch's object is one of them (the value at
+            the patch centre, else a random one present), so clicks, not the organ, say what to segment.
         intensity_shift, intensity_scale: MONAI ``RandShiftIntensityd`` offsets and ``RandScaleIntensityd``
             factors on the z-scored image (each applied with probability 0.8); 0 turns it off.
     """
@@ -138,6 +143,7 @@ class VolumePatches(Dataset):
         seed: int | None = None,
         intensity_shift: float = 0.0,
         intensity_scale: float = 0.0,
+        one_object: bool = False,
     ) -> None:
         from monai.transforms import Compose, RandCropByPosNegLabeld, RandScaleIntensityd, RandShiftIntensityd
 
@@ -148,6 +154,7 @@ class VolumePatches(Dataset):
         if intensity_scale > 0:
             steps.append(RandScaleIntensityd(keys="image", factors=float(intensity_scale), prob=0.8))
         self.augment = Compose(steps) if steps else None
+        self.one_object = one_object
         self.crop = RandCropByPosNegLabeld(
             keys=["image", "mask"],
             label_key="mask",
@@ -168,6 +175,16 @@ class VolumePatches(Dataset):
         else:
             self.crop.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,))))
         out = self.crop(dict(self.cases.volumes[case]))[0]  # type: ignore[arg-type]
+        if self.one_object:  # the object: one label value of the patch (its centre's when it has one)
+            values = torch.as_tensor(out["mask"])
+            centre = values[(0, *(s // 2 for s in values.shape[1:]))]
+            present = [v for v in values.unique().tolist() if v > 0]
+            pick = (
+                float(centre)
+                if centre > 0
+                else (present[int(self.crop.R.randint(len(present)))] if present else 0.0)
+            )
+            out["mask"] = (values == pick).float() if pick > 0 else torch.zeros_like(values)
         if self.augment is not None:  # the crop's random state was just drawn: seed the augmentation from it
             self.augment.set_random_state(seed=int(self.crop.R.randint(0, 2**31 - 1)))
             out = self.augment(out)
@@ -189,6 +206,9 @@ class VolumetricDataModule(lightning.LightningDataModule):
         clip: intensity window (lo, hi) before the z-score (CT soft tissue by default); None: no clip.
         mean, std: z-score statistics (None: each volume's own after clipping).
         labels: label values forming the object (e.g. [2, 3] for both kidneys); None: any non-zero.
+        one_object: each patch's object is ONE of those label values (the one at the patch centre, else a
+            random one present) instead of their union: a click model for many organs, where the clicks say
+            which organ; the default trains one object (the union), as the 3DSAM-adapter reference does.
         pos, neg: ratio of foreground- and background-centred training patches (1:1).
         samples_per_volume: training patches per case and epoch.
         intensity_shift: training patches get a random intensity offset in [-x, x] (z-score units; a contrast
@@ -214,6 +234,7 @@ class VolumetricDataModule(lightning.LightningDataModule):
         samples_per_volume: int = 4,
         intensity_shift: float = 0.1,
         intensity_scale: float = 0.1,
+        one_object: bool = False,
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
@@ -235,6 +256,7 @@ class VolumetricDataModule(lightning.LightningDataModule):
         if intensity_shift < 0 or not 0 <= intensity_scale < 1:
             raise InputError("--data.intensity_shift must be >= 0 and intensity_scale in [0, 1)")
         self.intensity_shift, self.intensity_scale = float(intensity_shift), float(intensity_scale)
+        self.one_object = bool(one_object)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_set: VolumePatches | None = None
         self.val_set: VolumePatches | None = None
@@ -254,6 +276,7 @@ class VolumetricDataModule(lightning.LightningDataModule):
                     mean=self.mean,
                     std=self.std,
                     labels=self.labels,
+                    keep_values=self.one_object,
                     patch=self.patch,
                 )
             )
@@ -280,8 +303,11 @@ class VolumetricDataModule(lightning.LightningDataModule):
             self.samples_per_volume,
             intensity_shift=self.intensity_shift,
             intensity_scale=self.intensity_scale,
+            one_object=self.one_object,
         )
-        self.val_set = VolumePatches(self._prepare(val_cases), self.patch, 1.0, 0.0, 1, seed=self.seed)
+        self.val_set = VolumePatches(
+            self._prepare(val_cases), self.patch, 1.0, 0.0, 1, seed=self.seed, one_object=self.one_object
+        )
 
     def _loader(self, dataset: VolumePatches, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -337,6 +337,45 @@ def test_training_patches_get_intensity_augmentation_validation_patches_do_not(v
     assert isinstance(augmented.val_set, VolumePatches)
 
 
+def test_one_object_patches_target_one_label_value_not_the_union(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from samadapt.domains.medical.volumetric_data import VolumetricDataModule
+
+    root = tmp_path / "organs"
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 20, (40, 36, 30)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    label[4:16, 6:18, 6:18] = 2  # two touching organs: the union is one blob, the objects are not
+    label[16:30, 6:18, 6:18] = 5
+    image[label == 2] += 120
+    image[label == 5] += 60
+    for folder, array in (("imagesTr", image), ("labelsTr", label)):
+        (root / folder).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0])), str(root / folder / "a.nii.gz"))
+    data = VolumetricDataModule(
+        root=str(root), val_fraction=0.0, patch=(SIDE, SIDE, SIDE), spacing=None, one_object=True,
+        samples_per_volume=12, intensity_shift=0.0, intensity_scale=0.0,
+    )  # fmt: skip
+    data.setup()
+    assert data.train_set is not None
+    prepared = data.train_set.cases.volumes[0]
+    z2 = float(prepared["image"][prepared["mask"] == 2].mean())
+    z5 = float(prepared["image"][prepared["mask"] == 5].mean())
+    middle = (z2 + z5) / 2  # organ 2 is 60 units brighter than organ 5 (noise sd 20)
+    seen = set()
+    for index in range(12):
+        torch.manual_seed(index)
+        patch = data.train_set[index]
+        mask = patch["mask"] > 0
+        assert set(patch["mask"].unique().tolist()) <= {0.0, 1.0}
+        if mask.any():
+            bright = float((patch["image"][mask] > middle).float().mean())
+            assert bright > 0.85 or bright < 0.15  # one organ (noise: ~7% cross the middle); the union ~50%
+            seen.add(2 if bright > 0.5 else 5)
+    assert seen == {2, 5}  # both organs are trained as objects of their own
+
+
 def test_smoke_fit_through_the_lightning_task(volume_root: Path, tmp_path: Path) -> None:
     import lightning as L
 
