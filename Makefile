@@ -39,7 +39,7 @@ typecheck: install-dev
 	cd build/typecheck && ../../$(VENV)/bin/mypy -p samadapt
 
 pytest: install-dev
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 test: lint typecheck pytest
 

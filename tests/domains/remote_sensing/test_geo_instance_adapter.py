@@ -43,7 +43,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     crops = {}
     with rasterio.open(RASTER) as src:
         profile = src.profile
-        for name, (col, row, size) in {"one_tile": (300, 300, 128), "tiles": (200, 200, 300)}.items():
+        for name, (col, row, size) in {"one_tile": (300, 300, 128), "tiles": (200, 200, 220)}.items():
             window = Window(col, row, size, size)
             profile.update(width=size, height=size, transform=src.window_transform(window))
             crops[name] = folder / f"{name}.tif"
@@ -90,7 +90,7 @@ def test_one_tile_output_is_the_adapters_own_instances(setup: dict[str, Path], t
 
 def test_several_tiles_keep_the_grid_and_merge_across_borders(setup: dict[str, Path], tmp_path: Path) -> None:
     summary = _run(setup, setup["tiles"], tmp_path / "ids.tif", "--overlap", "32")
-    assert summary["tiles"] == 9 and summary["instances"] >= 1
+    assert summary["tiles"] == 4 and summary["instances"] >= 1
     with rasterio.open(tmp_path / "ids.tif") as out, rasterio.open(setup["tiles"]) as src:
         assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
         ids = out.read(1)
