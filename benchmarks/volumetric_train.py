@@ -197,7 +197,7 @@ def figure(path: Path, name: str, case: dict, masks: dict[str, np.ndarray]) -> N
     from samadapt.domains.medical.io import read_volume
 
     ct = np.asarray(read_volume(case["image"]).array, dtype=np.float32)
-    k = case["click"][2]
+    k = int(case["organ"].sum(axis=(0, 1)).argmax())  # the organ's largest axial slice (the box's)
     panels = [("ground truth", case["organ"]), *masks.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for ax, (title, mask) in zip(axes, panels, strict=True):
@@ -206,10 +206,14 @@ def figure(path: Path, name: str, case: dict, masks: dict[str, np.ndarray]) -> N
         if title != "ground truth":
             ax.contour(mask[:, :, k].T, levels=[0.5], colors="orange", linewidths=1.2, origin="lower")
             title = f"{title}\nDice {dice(mask, case['organ']):.3f} (volume)"
-        ax.plot(case["click"][0], case["click"][1], "r+", markersize=10)
+        if case["click"][2] == k:
+            ax.plot(case["click"][0], case["click"][1], "r+", markersize=10)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{name}: slice of the click; cyan: label, orange: prediction", fontsize=9)
+    fig.suptitle(
+        f"{name}: its largest slice; cyan: label, orange: prediction (+: the click, when on this slice)",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
