@@ -314,8 +314,8 @@ class GeoPredictionWriter(BasePredictionWriter):
         if model is None:
             raise InputError("GeoPredictionWriter needs a task holding the SAM model as .model (SamTask)")
         pl_module.eval()
-        self._predictor = Predictor(model, device=pl_module.device, precision=self.precision)
-        adapter = getattr(pl_module, "adapter", None)
+        adapter = getattr(pl_module, "adapter", None)  # an instance adapter (RsPrompter) is run per tile
+        self._predictor = Predictor(model, device=pl_module.device, precision=self.precision, adapter=adapter)
         kind = getattr(adapter, "adapter_type", None) or type(adapter).__name__
         init_from = getattr(pl_module, "hparams", {}).get("init_from")
         base = getattr(pl_module, "base_name", "?")
