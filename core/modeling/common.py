@@ -108,12 +108,22 @@ def linear(layer: nn.Module, x: torch.Tensor, activation: str = "none") -> torch
     about twice as fast as ``F.linear`` for SAM's shapes on this kind of CPU, same result to float
     rounding. Any other module (an adapter's LoRA wrapper, say) is simply called.
     """
-    if type(layer) is nn.Linear and _fused_linear(x):
+    if type(layer) is nn.Linear and _fused_linear(x) and not _few_rows_small_weight(x, layer.weight):
         return linear_weights(x, layer.weight, layer.bias, activation)
     y = layer(x)
     if activation == "gelu":
         return F.gelu(y)
     return F.relu(y) if activation == "relu" else y
+
+
+def _few_rows_small_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A handful of rows (the decoder's prompt tokens) through a weight of at most 256 x 256, in fp32.
+
+    There oneDNN's per-call set-up outweighs the product: ``F.linear`` is 1.5-2.5x faster on this
+    kind of CPU (7 x 256 rows: 32 vs 47 us for 256 x 256, 22 vs 55 us for 128 x 256); for wider
+    weights (the token MLP's 2048) oneDNN stays faster.
+    """
+    return x.numel() <= 16 * x.shape[-1] and weight.numel() <= 65536 and compute_dtype(x) == torch.float32
 
 
 def linear_weights(

@@ -167,7 +167,7 @@ def test_only_a_plain_linear_is_fused() -> None:
     plain = nn.Linear(8, 16)
     sub = _SubLinear(8, 16)
     wrapped = _Wrapped(nn.Linear(8, 16))
-    x = torch.randn(4, 8)
+    x = torch.randn(32, 8)  # more than a handful of rows: see the next test
     with torch.inference_mode():
         assert fused_ops(lambda: linear(plain, x, "gelu")) == {LINEAR_OP}
         assert fused_ops(lambda: linear(sub, x, "gelu")) == set()
@@ -176,11 +176,24 @@ def test_only_a_plain_linear_is_fused() -> None:
 
 
 @needs_linear
+def test_a_few_prompt_tokens_through_a_small_weight_run_f_linear() -> None:
+    """7 rows through <= 256 x 256 weights skip oneDNN (its set-up costs more there); wider ones keep it."""
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 7, 256)
+    small, wide = nn.Linear(256, 256), nn.Linear(256, 2048)
+    with torch.inference_mode():
+        assert fused_ops(lambda: linear(small, tokens)) == set()
+        assert fused_ops(lambda: linear(wide, tokens)) == {LINEAR_OP}
+        assert fused_ops(lambda: linear(small, torch.randn(1, 64, 256))) == {LINEAR_OP}
+        torch.testing.assert_close(linear(small, tokens, "gelu"), torch.nn.functional.gelu(small(tokens)))
+
+
+@needs_linear
 def test_an_adapter_wrapped_mlp_layer_runs_its_own_forward() -> None:
     torch.manual_seed(0)
     block = MLPBlock(8, 16).eval()
     block.lin1 = _Wrapped(block.lin1)  # type: ignore[assignment]
-    x = torch.randn(4, 8)
+    x = torch.randn(32, 8)  # enough rows for oneDNN (a handful would run F.linear anyway)
     with torch.inference_mode():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             out = block(x)
