@@ -6,11 +6,14 @@ The real LiteMedSAM weights (``verified_default_checkpoint()``), the bundled 512
 the 256 x 256 logits to 512 x 512 and the threshold, all in-process. Reports the median and p95 in
 milliseconds, with a breakdown of one call by stage (``--profile`` prints torch.profiler's table).
 
-The decoder keeps the first two-way block's image side of the last embedding it was prompted on (from
-the second prompt on; see ``MaskDecoder._shared_image``), as interactive use prompts one slice many
-times. The first prompt on a new embedding does not have it; that latency is reported too.
+From the second prompt on an embedding the decoder runs its transformer factored (see
+``samadapt.modeling.factored``): the image side's products with the weights are kept for the last
+embedding, and each prompt pays only for its low-rank part. The first prompt on a new embedding runs
+the plain path; its latency is reported too, and with ``--boxes N`` (default 16) both paths decode N
+boxes at once, in the same run, as a ratio.
 
-    .venv/bin/python benchmarks/decoder_speed.py [--repeats 200] [--threads 2] [--profile] [--json out.json]
+    .venv/bin/python benchmarks/decoder_speed.py [--repeats 200] [--threads 2] [--boxes 16] [--profile]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,6 +56,29 @@ def time_calls(fn, repeats: int, warmup: int) -> list[float]:
     return times
 
 
+def batched_comparison(predictor: Predictor, embedding: ImageEmbedding, count: int, multimask: bool) -> dict:
+    """``count`` boxes decoded at once: factored (a prompted embedding) vs plain (a new one), interleaved.
+
+    Medians of 8 calls each (24 for a single box), in milliseconds.
+    """
+    rng = np.random.default_rng(0)
+    corners = rng.integers(20, 260, size=(count, 2))
+    boxes = np.concatenate([corners, corners + rng.integers(40, 240, size=(count, 2))], axis=1).clip(0, 511)
+    predictor.predict(boxes=boxes, multimask_output=multimask)  # the factored path's products exist
+    factored, plain = [], []
+    for _ in range(24 if count == 1 else 8):
+        start = time.perf_counter()
+        predictor.predict(boxes=boxes, multimask_output=multimask)
+        factored.append((time.perf_counter() - start) * 1000.0)
+        other = ImageEmbedding(embedding.embedding.clone(), embedding.original_size, embedding.resized_size)
+        start = time.perf_counter()
+        predictor.predict(boxes=boxes, multimask_output=multimask, embedding=other)
+        plain.append((time.perf_counter() - start) * 1000.0)
+        for _ in range(2):  # back to the prompted embedding: its first prompt, then its products
+            predictor.predict(boxes=boxes[:1], multimask_output=multimask)
+    return {"boxes": count, "factored_ms": statistics.median(factored), "plain_ms": statistics.median(plain)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -61,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls first")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--multimask", action="store_true", help="three masks per prompt")
+    parser.add_argument("--boxes", type=int, default=16, help="boxes in the batched comparison (0: skip)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table for 20 calls")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -81,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         ImageEmbedding(embedding.embedding.clone(), embedding.original_size, embedding.resized_size)
         for _ in range(30)
     ]
-    first_times = []
-    for other in fresh:  # the first prompt on each of 30 new embeddings
-        start = time.perf_counter()
-        predictor.predict(boxes=BOX, multimask_output=args.multimask, embedding=other)
-        first_times.append((time.perf_counter() - start) * 1000.0)
-    first_median = statistics.median(first_times)
+    first_times, second_times = [], []
+    for other in fresh:  # the first and second prompts on each of 30 new embeddings
+        for record in (first_times, second_times):
+            start = time.perf_counter()
+            predictor.predict(boxes=BOX, multimask_output=args.multimask, embedding=other)
+            record.append((time.perf_counter() - start) * 1000.0)
+    first_median, second_median = statistics.median(first_times), statistics.median(second_times)
+    counts = (1, args.boxes) if args.boxes > 1 else (1,)
+    compared = [batched_comparison(predictor, embedding, count, args.multimask) for count in counts]
 
     # One call split into its stages (same work as predict, each stage timed on its own).
     model, profile = predictor.model, predictor.profile
@@ -116,9 +146,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\npredict(boxes=...) on a cached embedding: median {median:.2f} ms, p95 {p95:.2f} ms")
     print(f"  ({len(times)} calls after {args.warmup} warm-up; target <= {TARGET_MS:.0f} ms)")
-    print(f"first prompt on a new embedding: median {first_median:.2f} ms (30 embeddings)")
+    print(f"first prompt on a new embedding (plain path): median {first_median:.2f} ms (30 embeddings)")
+    print(f"its second prompt (computes the factored products): median {second_median:.2f} ms")
     for name, ms in stage_ms.items():
         print(f"  {name:<40} {ms:6.2f} ms (median of 50)")
+    print("factored vs plain path, interleaved (medians):")
+    for row in compared:
+        print(
+            f"  {row['boxes']:>3} box(es) at once: factored {row['factored_ms']:.1f} ms, plain "
+            f"{row['plain_ms']:.1f} ms ({row['plain_ms'] / row['factored_ms']:.2f}x); "
+            f"{row['factored_ms'] / row['boxes']:.2f} ms per box"
+        )
     if args.profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -137,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                     "median_ms": median,
                     "p95_ms": p95,
                     "first_prompt_median_ms": first_median,
+                    "second_prompt_median_ms": second_median,
                     "stages_ms": stage_ms,
+                    "factored_vs_plain": compared,
                     "target_ms": TARGET_MS,
                 },
                 indent=2,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from samadapt.modeling.common import MLP, LayerNorm2d, linear_weights, use_fused_cpu_kernels
-from samadapt.modeling.transformer import SharedImage, TwoWayTransformer
+from samadapt.modeling.factored import FactoredRows, ImageFactors
+from samadapt.modeling.transformer import TwoWayTransformer
 
 
 class MaskDecoder(nn.Module):
@@ -54,12 +55,12 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
-        # (the embedding it was computed for, what else it depends on, the first block's image side)
-        self._shared: tuple[weakref.ref[torch.Tensor], tuple, SharedImage | None] | None = None
+        # (the embedding it was computed for, what else it depends on, its image side's products)
+        self._factors: tuple[weakref.ref[torch.Tensor], tuple, ImageFactors | None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_shared"] = None  # an inference cache (and a weak reference): never pickled or copied
+        state["_factors"] = None  # an inference cache (and a weak reference): never pickled or copied
         return state
 
     def forward(
@@ -112,9 +113,11 @@ class MaskDecoder(nn.Module):
         batch = tokens.shape[0]
         pos_src = image_pe.expand(batch, -1, -1, -1)  # a view: the same encoding for every prompt
         chans, height, width = image_embeddings.shape[1:]
-        shared = self._shared_image(image_embeddings, image_pe, dense_prompt_embeddings)
-        if shared is not None:
-            hs, keys = self.transformer(image_embeddings, pos_src, tokens, shared=shared)
+        factors = self._image_factors(image_embeddings, image_pe, dense_prompt_embeddings)
+        image: FactoredRows | None = None
+        if factors is not None:
+            assert isinstance(self.transformer, TwoWayTransformer)  # see _image_factors
+            hs, image = self.transformer.forward_factored(FactoredRows.start(factors, batch), tokens)
         else:
             src = image_embeddings
             if src.shape[0] != batch:
@@ -130,7 +133,12 @@ class MaskDecoder(nn.Module):
             ],
             dim=1,
         )  # (B, K, C/8)
-        if self._fast_upscaling(keys):
+        if image is not None:
+            first = self.output_upscaling[0]
+            assert isinstance(first, nn.ConvTranspose2d)  # see _fast_upscaling
+            upscaled = image.linear(*_as_linear(first), name=first)  # (B, HW, 4 * C/4)
+            masks = self._upscale_rest(upscaled, hyper_in, height, width)
+        elif self._fast_upscaling(keys):
             masks = self._upscale_tokens(keys, hyper_in, height, width)
         else:
             upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(batch, chans, height, width))
@@ -138,17 +146,19 @@ class MaskDecoder(nn.Module):
             masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
 
-    def _shared_image(
+    def _image_factors(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
-    ) -> SharedImage | None:
-        """The first two-way block's image side for this image, from its second prompt on.
+    ) -> ImageFactors | None:
+        """The image side's cached products for this image, from its second prompt on.
 
-        Interactive use prompts one cached embedding many times; without a mask prompt the first block
-        sees the same image tokens every time, so their projections are computed once and kept (for the
-        last image only, through a weak reference to its embedding). The first prompt on an image runs
-        the plain path, so an image prompted once (a slice during volume propagation) pays nothing.
-        CPU inference only (:meth:`TwoWayTransformer.can_share_image`), one image, and a dense prompt
-        that is the same everywhere (the learned "no mask" embedding).
+        Interactive use prompts one cached embedding many times; without a mask prompt every prompt
+        starts from the same image tokens, so the transformer runs factored
+        (:mod:`samadapt.modeling.factored`): the products of the image tokens with the weights are
+        computed once and kept (for the last image only, through a weak reference to its embedding),
+        and each prompt pays only for its low-rank part. The first prompt on an image runs the plain
+        path, so an image prompted once (a slice during volume propagation) pays nothing extra.
+        CPU inference only (:meth:`TwoWayTransformer.can_factor`), one image, SAM's upscaling, and a
+        dense prompt that is the same everywhere (the learned "no mask" embedding).
         """
         transformer = self.transformer
         if (
@@ -158,25 +168,26 @@ class MaskDecoder(nn.Module):
             or dense.stride(3) != 0
             or (dense.shape[0] > 1 and dense.stride(0) != 0)
             or not isinstance(transformer, TwoWayTransformer)
-            or not transformer.can_share_image(image_embeddings)
+            or not transformer.can_factor(image_embeddings)
+            or not self._fast_upscaling(image_embeddings)
         ):
             return None
         dense_vector = dense[:1, :, :1, :1]
-        first_block = list(transformer.layers[0].parameters())
-        inputs = (image_pe, dense_vector, *first_block)
+        weights = [*transformer.parameters(), *self.output_upscaling[0].parameters()]
         depends = (
-            *((t.data_ptr(), tuple(t.shape), _version(t)) for t in inputs),
+            *((t.data_ptr(), tuple(t.shape), _version(t)) for t in (image_pe, dense_vector, *weights)),
             (_version(image_embeddings), image_embeddings.device),
         )
-        cached = self._shared
+        cached = self._factors
         if cached is None or cached[0]() is not image_embeddings or cached[1] != depends:
-            self._shared = (weakref.ref(image_embeddings), depends, None)  # first prompt: plain path
+            self._factors = (weakref.ref(image_embeddings), depends, None)  # first prompt: plain path
             return None
-        shared = cached[2]
-        if shared is None:
-            shared = transformer.share_image(image_embeddings + dense_vector, image_pe)
-            self._shared = (cached[0], depends, shared)
-        return shared
+        factors = cached[2]
+        if factors is None:
+            keys = (image_embeddings + dense_vector)[0].flatten(1).T.contiguous()  # (HW, C)
+            factors = ImageFactors(keys, image_pe[0].flatten(1).T.contiguous())
+            self._factors = (cached[0], depends, factors)
+        return factors
 
     # At CPU inference the upscaling runs on the transformer's (B, H*W, C) tokens as it comes out:
     # each 2x2 stride-2 transposed convolution is one matrix product (oneDNN, the GELU fused in) whose
@@ -197,11 +208,18 @@ class MaskDecoder(nn.Module):
         self, keys: torch.Tensor, hyper_in: torch.Tensor, height: int, width: int
     ) -> torch.Tensor:
         """keys (B, H*W, C), hyper_in (B, K, C/8) -> mask logits (B, K, 4H, 4W)."""
-        first, norm, _, second, _ = self.output_upscaling  # kinds checked by _fast_upscaling
-        assert isinstance(first, nn.ConvTranspose2d) and isinstance(second, nn.ConvTranspose2d)
-        assert isinstance(norm, LayerNorm2d)
-        batch, masks = keys.shape[0], hyper_in.shape[1]
-        x = linear_weights(keys, *_as_linear(first)).view(batch, height * width * 4, -1)  # (B, 4HW, C/4)
+        first = self.output_upscaling[0]  # kinds checked by _fast_upscaling
+        assert isinstance(first, nn.ConvTranspose2d)
+        return self._upscale_rest(linear_weights(keys, *_as_linear(first)), hyper_in, height, width)
+
+    def _upscale_rest(
+        self, upscaled: torch.Tensor, hyper_in: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        """The first transposed convolution's output (B, H*W, 4 * C/4), hyper_in (B, K, C/8) -> logits."""
+        _, norm, _, second, _ = self.output_upscaling  # kinds checked by _fast_upscaling
+        assert isinstance(second, nn.ConvTranspose2d) and isinstance(norm, LayerNorm2d)
+        batch, masks = upscaled.shape[0], hyper_in.shape[1]
+        x = upscaled.reshape(batch, height * width * 4, -1)  # (B, 4HW, C/4)
         x = F.gelu(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
         x = linear_weights(x, *_as_linear(second), "gelu").view(batch, height * width * 16, -1)
         logits = x @ hyper_in.transpose(1, 2)  # (B, 16HW, K); rows: h, w, kh1, kw1, kh2, kw2

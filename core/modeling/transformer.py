@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from samadapt.modeling.common import MLPBlock, linear, use_fused_cpu_kernels
-
-
-@dataclass(frozen=True)
-class SharedImage:
-    """The prompt-independent image side of the first two-way block, for one image.
-
-    Without a mask prompt every prompt on an image sees the same image tokens in the first block, so
-    an interactive session (one image, many prompts) computes these once; see
-    :meth:`TwoWayTransformer.share_image`.
-
-    Attributes:
-        keys: (1, HW, C) image tokens (the embedding plus the dense "no mask" prompt).
-        keys_pe: (1, HW, C) ``keys`` plus the positional encoding.
-        t2i_keys, t2i_values: (1, heads, HW, head_dim) the token->image attention's projections.
-        i2t_queries: (1, heads, head_dim, HW) the image->token attention's scaled query projection.
-    """
-
-    keys: torch.Tensor
-    keys_pe: torch.Tensor
-    t2i_keys: torch.Tensor
-    t2i_values: torch.Tensor
-    i2t_queries: torch.Tensor
+from samadapt.modeling.factored import FactoredRows
 
 
 class Attention(nn.Module):
@@ -145,30 +122,24 @@ class Attention(nn.Module):
         batch, tokens, _ = x.shape
         return linear(layer, x).view(batch, tokens, self.num_heads, -1).transpose(1, 2)
 
-    def attend_projected_keys(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor:
-        """q (B, Nq, C) against keys and values already projected, (1 or B, H, Nk, hd) -> (B, Nq, C)."""
-        batch, queries, _ = q.shape
-        out = F.scaled_dot_product_attention(
-            self.project_heads(self.q_proj, q),
-            keys.expand(batch, -1, -1, -1),
-            values.expand(batch, -1, -1, -1),
-        )
-        return linear(self.out_proj, out.transpose(1, 2).reshape(batch, queries, self.internal_dim))
+    def attend_factored(self, q: torch.Tensor, image: FactoredRows) -> torch.Tensor:
+        """Tokens q (B, T, C) attend to factored image tokens (keys with the encoding) -> (B, T, C)."""
+        batch, tokens, _ = q.shape
+        head_dim = self.internal_dim // self.num_heads
+        q_heads = self.project_heads(self.q_proj, q) * head_dim**-0.5  # (B, H, T, d)
+        scores = image.dot_heads(self.k_proj, q_heads.transpose(2, 3))  # (B, H, T, N)
+        out = image.weighted_heads(self.v_proj, scores.softmax(dim=-1))  # (B, H, T, d)
+        return linear(self.out_proj, out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
 
-    def attend_projected_queries(
-        self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        """Queries already projected and scaled, (1 or B, H, hd, Nq), against few keys k, v (B, Nk, C).
-
-        Returns (B, Nq, C).
-        """
-        batch, keys, _ = k.shape
-        heads = self.num_heads
-        scores = self.project_heads(self.k_proj, k) @ queries  # (B, H, Nk, Nq)
-        weights = scores.softmax(dim=2).view(batch, heads * keys, -1)
-        return self._mix_heads(weights, self.project_heads(self.v_proj, v))
+    def update_factored(self, image: FactoredRows, k: torch.Tensor, v: torch.Tensor) -> FactoredRows:
+        """Factored image tokens attend to the tokens k, v (B, T, C): image + this attention's output."""
+        batch, tokens, _ = k.shape
+        head_dim = self.internal_dim // self.num_heads
+        k_heads = self.project_heads(self.k_proj, k) * head_dim**-0.5  # (B, H, T, d)
+        scores = image.dot_heads(self.q_proj, k_heads.transpose(2, 3))  # (B, H, T, N)
+        # softmax over each head's few tokens: a middle axis, contiguous rows of N
+        weights = scores.softmax(dim=2).view(batch, self.num_heads * tokens, -1)
+        return image.add(weights, self.project_heads(self.v_proj, v), self.out_proj)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -200,35 +171,39 @@ class TwoWayAttentionBlock(nn.Module):
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
-        shared: SharedImage | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Nt, C) tokens; keys (B, HW, C) image; *_pe their positional encodings.
+        """queries (B, Nt, C) tokens; keys (B, HW, C) image; *_pe their positional encodings."""
+        queries = self._attend_tokens(queries, query_pe)
+        k = keys + key_pe  # (B, HW, C): the keys do not change until norm4, so one sum serves both
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        attended = self.cross_attn_image_to_token(k, queries + query_pe, queries)
+        return queries, self.norm4(keys + attended)
 
-        With ``shared`` (this block's image side, precomputed) ``keys`` and ``key_pe`` are not read.
-        """
+    def forward_factored(
+        self, queries: torch.Tensor, image: FactoredRows, query_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, FactoredRows]:
+        """:meth:`forward` on factored image tokens (see :mod:`samadapt.modeling.factored`)."""
+        queries = self._attend_tokens(queries, query_pe)
+        attended = self.cross_attn_token_to_image.attend_factored(queries + query_pe, image)
+        queries = self.norm2(queries + attended)
+        queries = self.norm3(queries + self.mlp(queries))
+        image = self.cross_attn_image_to_token.update_factored(image, queries + query_pe, queries)
+        return queries, image.layer_norm(self.norm4)
+
+    def _attend_tokens(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """Self-attention on the tokens, then norm1."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-        if shared is None:
-            k = keys + key_pe  # (B, HW, C): the keys do not change until norm4, so one sum serves both
-            attended = self.cross_attn_token_to_image(queries + query_pe, k, keys)
-        else:
-            keys = shared.keys
-            attended = self.cross_attn_token_to_image.attend_projected_keys(
-                queries + query_pe, shared.t2i_keys, shared.t2i_values
-            )
-        queries = self.norm2(queries + attended)
-        queries = self.norm3(queries + self.mlp(queries))
-        q = queries + query_pe
-        if shared is None:
-            attended = self.cross_attn_image_to_token(k, q, queries)
-        else:
-            attended = self.cross_attn_image_to_token.attend_projected_queries(shared.i2t_queries, q, queries)
-        keys = self.norm4(keys + attended)
-        return queries, keys
+        return self.norm1(queries)
+
+    def can_factor(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_factored` applies: plain attentions and norms, CPU inference."""
+        attentions = (self.cross_attn_token_to_image, self.cross_attn_image_to_token)
+        return all(type(a) is Attention and a._factorizable(x) for a in attentions) and _affine(self.norm4)
 
 
 class TwoWayTransformer(nn.Module):
@@ -264,16 +239,9 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self,
-        image_embedding: torch.Tensor,
-        image_pe: torch.Tensor,
-        point_embedding: torch.Tensor,
-        shared: SharedImage | None = None,
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe (B, C, H, W); point_embedding (B, Nt, C).
-
-        ``shared``: the first block's image side from :meth:`share_image` (then ``image_embedding`` is
-        not read; it may be the (1, C, H, W) embedding while the prompts are B).
 
         Returns:
             (tokens (B, Nt, C), image (B, H*W, C)).
@@ -281,33 +249,37 @@ class TwoWayTransformer(nn.Module):
         keys = image_embedding.flatten(2).permute(0, 2, 1)  # (B, HW, C)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = point_embedding
-        for i, layer in enumerate(self.layers):
-            queries, keys = layer(queries, keys, point_embedding, key_pe, shared if i == 0 else None)
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, point_embedding, key_pe)
         q, k = queries + point_embedding, keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
         return queries, keys
 
-    def can_share_image(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`share_image` applies: CPU inference, plain projections in the first block."""
-        if not self.layers:
-            return False
-        first = self.layers[0]
-        attentions = (first.cross_attn_token_to_image, first.cross_attn_image_to_token)
-        return all(type(a) is Attention and a._factorizable(x) for a in attentions)
+    def forward_factored(
+        self, image: FactoredRows, point_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, FactoredRows]:
+        """:meth:`forward` on factored image tokens: an image prompted many times pays for its side once.
 
-    def share_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> SharedImage:
-        """The first block's prompt-independent image side: image_embedding, image_pe (1, C, H, W)."""
-        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()  # (1, HW, C)
-        keys_pe = keys + image_pe.flatten(2).transpose(1, 2)
-        first = self.layers[0]
-        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-        assert isinstance(t2i, Attention) and isinstance(i2t, Attention)  # see can_share_image
-        head_dim = i2t.internal_dim // i2t.num_heads
-        queries = i2t.project_heads(i2t.q_proj, keys_pe) * head_dim**-0.5  # (1, H, HW, hd)
-        return SharedImage(
-            keys=keys,
-            keys_pe=keys_pe,
-            t2i_keys=t2i.project_heads(t2i.k_proj, keys_pe).contiguous(),
-            t2i_values=t2i.project_heads(t2i.v_proj, keys).contiguous(),
-            i2t_queries=queries.transpose(2, 3).contiguous(),
+        image: the image tokens (see :mod:`samadapt.modeling.factored`); point_embedding (B, Nt, C).
+        Returns (tokens (B, Nt, C), the image tokens after the last block, still factored).
+        """
+        queries = point_embedding
+        for layer in self.layers:
+            assert isinstance(layer, TwoWayAttentionBlock)
+            queries, image = layer.forward_factored(queries, image, point_embedding)
+        attended = self.final_attn_token_to_image.attend_factored(queries + point_embedding, image)
+        return self.norm_final_attn(queries + attended), image
+
+    def can_factor(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_factored` applies to ``x``: CPU inference, every block plain."""
+        final = self.final_attn_token_to_image
+        return (
+            all(type(layer) is TwoWayAttentionBlock and layer.can_factor(x) for layer in self.layers)
+            and type(final) is Attention
+            and final._factorizable(x)
         )
+
+
+def _affine(norm: nn.Module) -> bool:
+    """A plain LayerNorm over the last axis with a weight and a bias."""
+    return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None

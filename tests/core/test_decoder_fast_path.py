@@ -74,7 +74,7 @@ def test_decoder_matches_plain_path_with_every_prompt_kind() -> None:
 
 
 def test_repeated_prompts_on_one_embedding_reuse_its_image_side() -> None:
-    """From the second prompt on an embedding the first block's image side is cached: same results."""
+    """From the second prompt on an embedding the transformer runs factored: same results."""
     torch.manual_seed(1)
     model = build("lite_medsam").eval()
     decoder = model.mask_decoder
@@ -88,20 +88,106 @@ def test_repeated_prompts_on_one_embedding_reuse_its_image_side() -> None:
             fast = model.decode(embedding, boxes=boxes, multimask_output=True)
             for a, b in zip(fast, expected, strict=True):
                 assert (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
-            assert decoder._shared is not None and (decoder._shared[2] is None) == (call == 0)
-        shared = decoder._shared[2]
+            assert decoder._factors is not None and (decoder._factors[2] is None) == (call == 0)
+        factors = decoder._factors[2]
         # a mask prompt (dense prompt that varies over the image) never uses it; a new embedding resets it
         model.decode(embedding, boxes=prompts[0], mask_input=torch.randn(1, 1, 256, 256))
-        assert decoder._shared[2] is shared
+        assert decoder._factors[2] is factors
         other = torch.randn(1, 256, 64, 64)
         model.decode(other, boxes=prompts[0])
-        assert decoder._shared[2] is None and decoder._shared[0]() is other
-        # changed weights are noticed
+        assert decoder._factors[2] is None and decoder._factors[0]() is other
+        # changed weights are noticed, in any block
         model.decode(other, boxes=prompts[0])
-        first = decoder._shared[2]
+        first = decoder._factors[2]
         assert first is not None
         with torch.no_grad():
-            model.mask_decoder.transformer.layers[0].cross_attn_image_to_token.q_proj.weight.mul_(1.5)
+            model.mask_decoder.transformer.layers[1].norm4.weight.mul_(1.5)
         model.decode(other, boxes=prompts[0])
-        assert decoder._shared[2] is None
-    assert "_shared" in decoder.__dict__ and decoder.__getstate__()["_shared"] is None
+        assert decoder._factors[2] is None
+    assert "_factors" in decoder.__dict__ and decoder.__getstate__()["_factors"] is None
+
+
+def _perturbed_lite_medsam(seed: int) -> nn.Module:
+    """LiteMedSAM's architecture with every decoder weight, LayerNorm affine and bias nonzero and random."""
+    torch.manual_seed(seed)
+    model = build("lite_medsam").eval()
+    with torch.no_grad():
+        for parameter in model.mask_decoder.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+@pytest.mark.parametrize("prompt", ["box", "boxes", "points", "box+points"])
+def test_factored_transformer_matches_the_plain_decoder(prompt: str, multimask: bool) -> None:
+    """The factored image side (second prompt on) gives the plain decoder's logits and IoU."""
+    model = _perturbed_lite_medsam(7)
+    embedding = torch.randn(1, 256, 64, 64) * 2
+    boxes = torch.tensor([[10.0, 20.0, 100.0, 120.0], [50.0, 60.0, 200.0, 250.0], [0, 0, 255, 255]])
+    points = (torch.tensor([[[30.0, 40.0], [90.0, 100.0]]] * 3), torch.tensor([[1.0, 0.0]] * 3))
+    kwargs = {
+        "box": {"boxes": boxes[:1]},
+        "boxes": {"boxes": boxes},
+        "points": {"points": points},
+        "box+points": {"boxes": boxes, "points": points},
+    }[prompt]
+    decoder = model.mask_decoder
+    with torch.inference_mode():
+        with fused_kernels(False):
+            plain = model.decode(embedding, multimask_output=multimask, **kwargs)
+        model.decode(embedding, multimask_output=multimask, **kwargs)  # first prompt: plain path
+        factored = model.decode(embedding, multimask_output=multimask, **kwargs)
+        assert decoder._factors is not None and decoder._factors[2] is not None
+    for a, b in zip(factored, plain, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_factored_layer_norm_equals_materialised_rows() -> None:
+    """FactoredRows.layer_norm and .linear against the same rows materialised, two blocks deep."""
+    from samadapt.modeling.factored import FactoredRows, ImageFactors
+
+    torch.manual_seed(3)
+    count, chans, batch = 50, 32, 2
+    keys, pe = torch.randn(count, chans) * 3 + 1, torch.randn(count, chans)
+    rows = FactoredRows.start(ImageFactors(keys, pe), batch)
+    dense = keys.expand(batch, -1, -1)
+    for depth in range(2):
+        out = nn.Linear(16, chans)
+        norm = nn.LayerNorm(chans)
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.3)
+            norm.bias.normal_(0, 0.3)
+        coef = torch.rand(batch, 4 * 3, count).softmax(dim=1)
+        values = torch.randn(batch, 4, 3, 4)  # 4 heads of 3 tokens, head dim 4
+        with torch.no_grad():
+            rows = rows.add(coef, values, out).layer_norm(norm)
+            heads_out = torch.stack(
+                [coef[b].T @ torch.block_diag(*values[b]) @ out.weight.T + out.bias for b in range(batch)]
+            )
+            dense = norm(dense + heads_out)
+            weight, bias = torch.randn(8, chans), torch.randn(8)
+            got = rows.linear(weight, bias, name=("test", depth))
+        assert (got - (dense @ weight.T + bias)).abs().max().item() < 1e-4 * dense.abs().max().item() * 10
+
+
+def test_factored_decoder_on_real_weights_and_a_real_slice() -> None:
+    """LiteMedSAM on the bundled CT slice: the second prompt (factored) gives the first's (plain) mask."""
+    from importlib import resources
+
+    import numpy as np
+
+    from samadapt import Predictor, load_model
+    from samadapt.domains.images import read_image
+    from samadapt.weights import verified_default_checkpoint
+
+    predictor = Predictor(load_model(verified_default_checkpoint()), device="cpu", precision="fp32")
+    predictor.set_image(read_image(resources.files("samadapt.assets") / "demo_ct.png"))
+    boxes = np.array([[97, 188, 269, 355], [300, 200, 420, 330]])  # the liver, and tissue to its side
+    first = predictor.predict(boxes=boxes, multimask_output=True)
+    assert predictor.model.mask_decoder._factors[2] is None  # the first prompt ran the plain path
+    second = predictor.predict(boxes=boxes, multimask_output=True)
+    assert predictor.model.mask_decoder._factors[2] is not None
+    assert (second.low_res_logits - first.low_res_logits).abs().max().item() < 1e-3
+    assert np.abs(second.scores - first.scores).max() < 1e-4
+    assert first.masks.sum() > 1000 and (second.masks != first.masks).mean() < 1e-4
