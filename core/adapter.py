@@ -394,13 +394,7 @@ def load_adapter(
     directory = Path(directory)
     config = read_adapter_config(directory)
     _check_base(config, directory, model, base_sha256)
-    cls = get_adapter_type(str(config["adapter_type"]))
-    try:
-        adapter = cls(**config["init_args"])
-    except (TypeError, ValueError) as exc:
-        raise AdapterError(
-            f"{directory / CONFIG_FILE}: bad init_args for {cls.adapter_type} ({exc})"
-        ) from None
+    adapter = _build_saved(config, directory)
     state = _read_weights(directory)
     if "input_size" in config and int(config["input_size"]) != model.input_size:
         model.set_input_size(int(config["input_size"]))
@@ -410,6 +404,24 @@ def load_adapter(
     if merge:
         adapter.merge(model)
     return adapter
+
+
+def _build_saved(config: Mapping[str, Any], directory: Path) -> Adapter:
+    """A new, unattached adapter of the type and init_args in ``config`` (``directory``'s)."""
+    cls = get_adapter_type(str(config["adapter_type"]))
+    try:
+        return cls(**config["init_args"])
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(
+            f"{directory / CONFIG_FILE}: bad init_args for {cls.adapter_type} ({exc})"
+        ) from None
+
+
+def saved_adapter(directory: str | Path) -> Adapter:
+    """The adapter saved in ``directory``, rebuilt as it was trained (type and init_args) but not
+    attached and without its weights: for :class:`~samadapt.training.SamTask` ``init_from``."""
+    directory = Path(directory)
+    return _build_saved(read_adapter_config(directory), directory)
 
 
 def load_adapter_weights(

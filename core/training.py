@@ -11,6 +11,7 @@ Needs the ``train`` extra (lightning, jsonargparse, peft, monai, torchmetrics).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from samadapt.adapter import Adapter, load_adapter_weights, save_adapter
+from samadapt.adapter import Adapter, load_adapter_weights, save_adapter, saved_adapter
 from samadapt.checkpoint import load_model
 from samadapt.errors import InputError
 from samadapt.modeling import SamModel
@@ -58,7 +59,9 @@ class SamTask(L.LightningModule):
     """Fine-tunes a SAM core through any :class:`~samadapt.adapter.Adapter`.
 
     Args:
-        adapter: the adapter (``class_path``/``init_args`` in a recipe).
+        adapter: the adapter (``class_path``/``init_args`` in a recipe). With ``init_from`` the saved
+            adapter's own type and init_args are used (a different configured one is replaced, with a
+            note on stderr), so a recipe evaluates any trained adapter with ``--model.init_from`` alone.
         base: base checkpoint path, or ``default`` for the bundled LiteMedSAM.
         variant: expected variant of the base (default: detected).
         input_size: run a ViT base at another input size (e.g. 512 as SAMed); None keeps it.
@@ -71,7 +74,7 @@ class SamTask(L.LightningModule):
 
     def __init__(
         self,
-        adapter: Adapter,
+        adapter: Adapter | None = None,
         base: str = "default",
         variant: str | None = None,
         input_size: int | None = None,
@@ -86,6 +89,20 @@ class SamTask(L.LightningModule):
         if input_size is not None and input_size != self.model.input_size:
             self.model.set_input_size(input_size)
         self.model.train()  # load_model returns eval mode; Lightning keeps each module's mode as found
+        if init_from:
+            saved = saved_adapter(init_from)
+            if adapter is not None and (adapter.adapter_type, adapter.init_args) != (
+                saved.adapter_type,
+                saved.init_args,
+            ):
+                print(
+                    f"init_from {init_from}: its {saved.adapter_type} adapter {saved.init_args}, as trained, "
+                    f"replaces the configured {adapter.adapter_type} {adapter.init_args}",
+                    file=sys.stderr,
+                )
+            adapter = saved
+        if adapter is None:
+            raise InputError("no adapter: give --model.adapter (a class_path) or --model.init_from DIR")
         self.adapter = adapter
         adapter.attach(self.model)
         if init_from:

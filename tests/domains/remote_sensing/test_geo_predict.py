@@ -183,6 +183,37 @@ def test_a_trained_adapter_is_loaded_with_init_from(
         assert result.read(1).max() == 0
 
 
+def test_init_from_alone_loads_an_adapter_of_another_type_than_the_recipes(
+    tiny: Path, rasters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The recipe configures a MedSAM fine-tuning; a LoRA folder given with --model.init_from alone
+    replaces it (type and rank from its adapter.json), says so, and its weights are the ones used."""
+    import torch
+
+    from samadapt.adapters.lora import LoRA
+    from samadapt.training import SamTask
+
+    task = SamTask(LoRA(rank=2), base=str(tiny))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at zero (no change): a large random update instead
+        for parameter in task.adapter.parameters():
+            parameter.normal_(0, 1)
+    adapter = task.export(tmp_path / "lora", {"steps": 0})
+    out, plain_out = tmp_path / "out", tmp_path / "plain"
+    inputs = ["--data.init_args.inputs", f"[{rasters['a']}]", *AUTO]
+    assert _predict(tiny, plain_out, tmp_path / "cache", *inputs) == 0
+    capsys.readouterr()
+    code = _predict(tiny, out, tmp_path / "cache2", *inputs, "--model.init_from", adapter)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "its lora adapter" in captured.err and "replaces the configured medsam" in captured.err
+    summary = _check_output(out, rasters["a"])
+    assert f"adapter lora from {adapter}" in summary["model"]
+    assert "adapter medsam" in _check_output(plain_out, rasters["a"])["model"]
+    with rasterio.open(out / "a.tif") as adapted, rasterio.open(plain_out / "a.tif") as plain:
+        assert (adapted.read(1) != plain.read(1)).any()  # the LoRA weights changed the instances
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
