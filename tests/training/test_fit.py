@@ -248,19 +248,17 @@ def test_validate_test_and_predict_a_trained_adapter(
         "--trainer.limit_predict_batches", "2",
     ]  # fmt: skip
     scores = {}
-    for command in ("validate", "test"):
-        proc = run_samadapt(command, *common, cwd=tmp_path)
+    # validate with another adapter in the config: the saved one, as trained, replaces it (and says so)
+    msa = ["--model.adapter.class_path", "samadapt.adapters.msa.MedicalSAMAdapter"]
+    for command, extra in (("validate", msa), ("test", [])):
+        proc = run_samadapt(command, *common, *extra, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         found = re.search(rf"{'val' if command == 'validate' else 'test'}/dice\s*│\s*([\d.]+)", proc.stdout)
         assert found, proc.stdout[-2000:]
         scores[command] = float(found.group(1))
-    assert scores["validate"] == pytest.approx(scores["test"])  # the same held-out cases and prompts
+        replaced = "its lora adapter" in proc.stderr and "replaces the configured msa" in proc.stderr
+        assert replaced == (command == "validate"), proc.stderr[-2000:]
+    # the same held-out cases and prompts, and the same (saved) adapter in both
+    assert scores["validate"] == pytest.approx(scores["test"])
     proc = run_samadapt("predict", *common, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # another adapter in the config: the saved one, as trained, replaces it (and says so)
-    msa = "samadapt.adapters.msa.MedicalSAMAdapter"
-    other = run_samadapt("validate", *common, "--model.adapter.class_path", msa, cwd=tmp_path)
-    assert other.returncode == 0, other.stderr[-3000:]
-    assert "its lora adapter" in other.stderr and "replaces the configured msa" in other.stderr
-    found = re.search(r"val/dice\s*│\s*([\d.]+)", other.stdout)
-    assert found and float(found.group(1)) == pytest.approx(scores["validate"])
