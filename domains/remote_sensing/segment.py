@@ -329,14 +329,16 @@ def segment_auto(
         workdir: where the temporary provisional-id raster goes (default: the system temp folder).
 
     Returns:
-        id -> {id, score (pixel-weighted predicted IoU), stability, pixels, tiles (parts merged)}.
+        id -> {id, score (pixel-weighted predicted IoU), stability, pixels, tiles (parts merged)}, plus
+        ``class`` (the class index most of its pixels got) when the generator gives classes (an
+        instance adapter such as RsPrompter).
     """
     if generator.crop_n_layers:
         raise InputError("--crop-layers is not used on rasters: the tiles are the crops (use --tile)")
     if (grid.width, grid.height) != (raster.width, raster.height):
         raise ValueError("the tile grid does not match the raster size")
     union = UnionFind()
-    stats: dict[int, list[float]] = {}  # provisional id -> [score, stability, pixels]
+    stats: dict[int, list[float]] = {}  # provisional id -> [score, stability, pixels, class or -1]
     n_rows, n_cols = grid.shape
     windows = [w for _, _, w in grid]
     with tempfile.TemporaryDirectory(prefix="samadapt-geo-", dir=workdir) as tmp:
@@ -405,8 +407,11 @@ def _auto_pass(
                 local = result.label_map().astype(np.int64)
                 local[~item.valid] = 0
                 labels = np.where(local > 0, local + (next_id - 1), 0)
+                classes = result.settings.get("classes")  # per record, from an instance adapter
                 for record in result.records:
-                    stats[next_id + record.label - 1] = [record.predicted_iou, record.stability_score, 0.0]
+                    kind = classes[record.label - 1] if classes else -1
+                    score, stability = record.predicted_iou, record.stability_score
+                    stats[next_id + record.label - 1] = [score, stability, 0.0, kind]
                 next_id += len(result)
             neighbours = [left] + [above.get(k) for k in (c - 1, c, c + 1)]
             for neighbour in neighbours:
@@ -452,15 +457,20 @@ def _renumber(
 ) -> dict[int, dict[str, Any]]:
     """Pass 2: merged instances numbered 1..N in raster order, written block by block."""
     totals: dict[int, list[float]] = {}  # root -> [score*pixels, stability*pixels, pixels, parts]
+    votes: dict[int, dict[int, float]] = {}  # root -> class -> pixels (parts merged across tiles)
     for pid in sorted(stats):
-        score, stability, pixels = stats[pid]
+        score, stability, pixels, kind = stats[pid]
         if pixels <= 0:
             continue
-        entry = totals.setdefault(union.find(pid), [0.0, 0.0, 0.0, 0.0])
+        root = union.find(pid)
+        entry = totals.setdefault(root, [0.0, 0.0, 0.0, 0.0])
         entry[0] += score * pixels
         entry[1] += stability * pixels
         entry[2] += pixels
         entry[3] += 1
+        if kind >= 0:
+            tally = votes.setdefault(root, {})
+            tally[int(kind)] = tally.get(int(kind), 0.0) + pixels
     final = {root: n for n, root in enumerate(sorted(totals), start=1)}
     nodata = _check_writer(writer, len(final))
     lookup = np.zeros(max(stats, default=0) + 2, dtype=np.int64)
@@ -483,4 +493,6 @@ def _renumber(
             "pixels": int(pixels),
             "tiles": int(parts),
         }
+        if root in votes:  # the class most of its pixels got (the lower index on a tie)
+            records[n]["class"] = min(votes[root].items(), key=lambda item: (-item[1], item[0]))[0]
     return records

@@ -28,7 +28,10 @@ from samadapt.predictor import ImageEmbedding, Predictor  # noqa: E402
 from samadapt.weights import checkpoint_sha256  # noqa: E402
 
 RASTER = TESTS / "data" / "geo" / "sample_geotiff.tif"
-QUERY = {"num_queries": 8, "tokens": 2, "layers": [0, 1], "hidden": 8, "heads": 2, "decoder_layers": 2}
+QUERY = {
+    "num_classes": 3, "num_queries": 8, "tokens": 2, "layers": [0, 1], "hidden": 8, "heads": 2,
+    "decoder_layers": 2,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +80,25 @@ def test_one_tile_output_is_the_adapters_own_instances(setup: dict[str, Path], t
     tensor, resized = encoder_input(image, predictor.profile)
     encoded = cache.store((0, 0, 128, 128), predictor.encode_batch(tensor).select(torch.tensor([0])))
     embedding = ImageEmbedding(encoded.embedding, (128, 128), resized, list(encoded.features))
-    expected = AdapterInstances(predictor, adapter).generate(image, embedding).label_map().astype(np.int64)
+    instances = AdapterInstances(predictor, adapter).generate(image, embedding)
+    expected = instances.label_map().astype(np.int64)
     assert expected.max() >= 2  # the untrained queries give several instances: the comparison means something
     # same partition of the pixels (the raster numbers instances in raster order, the tile by size)
     pairs = np.unique(np.stack([got.ravel(), expected.ravel()]), axis=1)
     assert len(pairs.T) == len(np.unique(got)) == len(np.unique(expected))
     assert ((got == 0) == (expected == 0)).all()
+    # each instance carries the adapter's class for it, in the JSON records and the vector fields
+    classes = instances.settings["classes"]
+    expected_class = {int(g): classes[int(e) - 1] for g, e in pairs.T if g > 0}
+    assert {r["id"]: r["class"] for r in summary["records"]} == expected_class
+    assert len(set(expected_class.values())) >= 2  # 3 classes, untrained: the check tells them apart
+    import pyogrio
+
+    meta, _fids, _geometry, fields = pyogrio.raw.read(tmp_path / "ids.gpkg")
+    names = list(meta["fields"])
+    ids, kinds = fields[names.index("id")].tolist(), fields[names.index("class")].tolist()
+    written = dict(zip(ids, kinds, strict=True))
+    assert written == expected_class
     assert summary["instances"] == len(np.unique(got)) - 1 and "rsprompter_query" in summary["model"]
     assert summary["mode"] == "auto"
     assert all(0.0 <= r["score"] <= 1.0 for r in summary["records"])  # class score x mask confidence
@@ -95,3 +111,4 @@ def test_several_tiles_keep_the_grid_and_merge_across_borders(setup: dict[str, P
         assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
         ids = out.read(1)
     assert sorted(int(v) for v in np.unique(ids) if v) == list(range(1, summary["instances"] + 1))
+    assert all(0 <= r["class"] < 3 for r in summary["records"] if r["pixels"] > 0)
