@@ -13,6 +13,7 @@ import torch
 
 from samadapt.errors import InputError
 from samadapt.modeling import EncoderOutput, PromptBatch, SamModel
+from samadapt.modeling.common import all_modules
 from samadapt.precision import PrecisionPlan, plan_precision
 from samadapt.preprocess import postprocess_logits, preprocess
 
@@ -110,14 +111,20 @@ class Predictor:
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
-        """Eval mode and no autograd for one call; the caller's training flag comes back after."""
-        was_training = self.model.training
-        self.model.eval()
+        """Eval mode and no autograd for one call; each module's training flag comes back after.
+
+        Only the modules in training mode are switched: ``Module.eval()`` and ``.train()`` walk and set
+        all ~300 of LiteMedSAM's modules, about 1.5 ms a prompt.
+        """
+        training = [module for module in all_modules(self.model) if module.training]
+        for module in training:
+            module.training = False
         try:
             with torch.inference_mode():
                 yield
         finally:
-            self.model.train(was_training)
+            for module in training:
+                module.training = True
 
     # ------------------------------------------------------------------ embedding
     def encode_batch(self, batch: torch.Tensor, *, propagation: bool = False) -> EncoderOutput:

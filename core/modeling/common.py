@@ -32,6 +32,27 @@ class LayerNorm2d(nn.Module):
 _fused_kernels_enabled = True
 
 
+def all_modules(root: nn.Module) -> list[nn.Module]:
+    """``root`` and every module under it, like ``root.modules()`` but without names or de-duplication.
+
+    Per-prompt code walks the model with this: ``Module.modules()`` builds a name and a memo for each
+    of LiteMedSAM's ~300 modules (about 0.2 ms a walk against 0.05 ms here). A module shared by two
+    parents comes twice.
+    """
+    found: list[nn.Module] = []
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        found.append(module)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return found
+
+
+def all_parameters(root: nn.Module) -> list[torch.Tensor]:
+    """The parameters of :func:`all_modules` (a shared one may come twice)."""
+    return [p for m in all_modules(root) for p in m._parameters.values() if p is not None]
+
+
 def set_fused_kernels(enabled: bool) -> None:
     """Turn oneDNN's fused CPU inference kernels on or off for the whole process (on by default).
 

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.modeling.common import MLP, LayerNorm2d, linear_weights, use_fused_cpu_kernels
+from samadapt.modeling.common import (
+    MLP,
+    LayerNorm2d,
+    all_parameters,
+    linear_weights,
+    use_fused_cpu_kernels,
+)
 from samadapt.modeling.factored import FactoredRows, ImageFactors
 from samadapt.modeling.transformer import TwoWayTransformer
 
@@ -173,7 +179,7 @@ class MaskDecoder(nn.Module):
         ):
             return None
         dense_vector = dense[:1, :, :1, :1]
-        weights = [*transformer.parameters(), *self.output_upscaling[0].parameters()]
+        weights = [*all_parameters(transformer), *all_parameters(self.output_upscaling[0])]
         depends = (
             *((t.data_ptr(), tuple(t.shape), _version(t)) for t in (image_pe, dense_vector, *weights)),
             (_version(image_embeddings), image_embeddings.device),

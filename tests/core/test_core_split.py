@@ -199,10 +199,16 @@ def test_prompt_generator_is_used_without_prompts(tiny) -> None:
 
 def test_predictor_restores_the_callers_training_flag(tiny) -> None:
     tiny.train()
+    tiny.prompt_encoder.eval()  # mixed flags come back module by module
+    before = {name: module.training for name, module in tiny.named_modules()}
+    seen: list[bool] = []
+    tiny.mask_decoder.transformer.register_forward_hook(lambda module, *_: seen.append(module.training))
     predictor = Predictor(tiny, precision="fp32")
     predictor.set_image(np.zeros((32, 32), dtype=np.uint8))
     predictor.predict(boxes=[2, 2, 20, 20])
-    assert tiny.training
+    assert seen == [False]  # the call itself ran in eval mode
+    assert {name: module.training for name, module in tiny.named_modules()} == before
+    assert tiny.training and not tiny.prompt_encoder.training
 
 
 @pytest.mark.parametrize("variant", ["tiny", "lite_medsam"])
