@@ -4,7 +4,10 @@ The real LiteMedSAM weights (``verified_default_checkpoint()``), the bundled 512
 (core/assets/demo_ct.png) embedded once, then ``predict(boxes=...)`` timed ``--repeats`` times after
 ``--warmup`` untimed calls: prompt encoding, the two-way transformer, the mask head, the upsampling of
 the 256 x 256 logits to 512 x 512 and the threshold, all in-process. Reports the median and p95 in
-milliseconds, with a breakdown of one call by stage (``--profile`` prints torch.profiler's table).
+milliseconds, with where the time goes: a median per call for each step of the decoder (its methods
+timed by wrapping, ``--stages N`` calls), the same call on the tiny core (random weights, next to no
+arithmetic: what each call pays in Python, dispatch and threading), and ``--profile`` prints
+torch.profiler's table (the profiler itself inflates small operations several times).
 
 From the second prompt on an embedding the decoder runs its transformer factored (see
 ``samadapt.modeling.factored``): the image side's products with the weights are kept for the last
@@ -12,8 +15,8 @@ embedding, and each prompt pays only for its low-rank part. The first prompt on 
 the plain path; its latency is reported too, and with ``--boxes N`` (default 16) both paths decode N
 boxes at once, in the same run, as a ratio.
 
-    .venv/bin/python benchmarks/decoder_speed.py [--repeats 200] [--threads 2] [--boxes 16] [--profile]
-        [--json out.json]
+    .venv/bin/python benchmarks/decoder_speed.py [--repeats 200] [--threads 2] [--boxes 16] [--stages 100]
+        [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -79,6 +82,87 @@ def batched_comparison(predictor: Predictor, embedding: ImageEmbedding, count: i
     return {"boxes": count, "factored_ms": statistics.median(factored), "plain_ms": statistics.median(plain)}
 
 
+# (key, label) of the steps timed by :func:`stage_breakdown`, in print order
+STAGE_METHODS = (
+    ("embed_prompts", "prompt encoder"),
+    ("_image_factors", "image-factor cache check"),
+    ("block", "two-way blocks (factored)"),
+    ("attend", "token->image attentions (3: 2 in the blocks, the final)"),
+    ("update", "image->token attentions (2, in the blocks)"),
+    ("layer_norm", "image LayerNorms (2, in the blocks)"),
+    ("linear", "first transposed conv (materialised)"),
+    ("upscale", "LayerNorm, GELU, second transposed conv, mask head"),
+    ("decoder", "mask decoder in all"),
+    ("postprocess", "resize to 512x512"),
+    ("predict", "Predictor.predict in all"),
+)
+
+
+def stage_breakdown(predictor: Predictor, calls: int) -> dict[str, float]:
+    """Median milliseconds per ``predict`` spent in each step, by wrapping the decoder's methods.
+
+    Each wrapper adds a few microseconds; the steps' sum is not the whole (token-side layers, the
+    hypernetwork and IoU heads, argument checks are not wrapped).
+    """
+    import samadapt.predictor as predictor_module
+    from samadapt.modeling import factored, mask_decoder, sam, transformer
+
+    targets = {
+        "embed_prompts": (sam.SamModel, "embed_prompts"),
+        "_image_factors": (mask_decoder.MaskDecoder, "_image_factors"),
+        "block": (transformer.TwoWayAttentionBlock, "forward_factored"),
+        "attend": (transformer.Attention, "attend_factored"),
+        "update": (transformer.Attention, "update_factored"),
+        "layer_norm": (factored.FactoredRows, "layer_norm"),
+        "linear": (factored.FactoredRows, "linear"),
+        "upscale": (mask_decoder.MaskDecoder, "_upscale_rest"),
+        "decoder": (mask_decoder.MaskDecoder, "forward"),
+        "postprocess": (predictor_module, "postprocess_logits"),
+        "predict": (Predictor, "predict"),
+    }
+    current: dict[str, float] = {}
+    originals = []
+
+    def timed(key: str, method):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                current[key] = current.get(key, 0.0) + (time.perf_counter() - start) * 1000.0
+
+        return wrapper
+
+    for key, (owner, name) in targets.items():
+        method = getattr(owner, name)
+        originals.append((owner, name, method))
+        setattr(owner, name, timed(key, method))
+    totals: dict[str, list[float]] = {key: [] for key in targets}
+    try:
+        for _ in range(calls):
+            current.clear()
+            predictor.predict(boxes=BOX)
+            for key in targets:
+                totals[key].append(current.get(key, 0.0))
+    finally:
+        for owner, name, method in originals:
+            setattr(owner, name, method)
+    return {label: statistics.median(totals[key]) for key, label in STAGE_METHODS}
+
+
+def overhead_on_tiny_core(repeats: int) -> float:
+    """Median ms of the same ``predict`` on the tiny core (random weights, 8 x 8 grid, 32 channels).
+
+    Its arithmetic is negligible, so this is about what every call pays in Python, dispatch and
+    threading whatever the model's size.
+    """
+    from samadapt.builders import build_tiny
+
+    tiny = Predictor(build_tiny().eval(), device="cpu", precision="fp32")
+    tiny.set_image(np.zeros((512, 512), dtype=np.uint8))
+    return statistics.median(time_calls(lambda: tiny.predict(boxes=BOX), repeats, 20))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multimask", action="store_true", help="three masks per prompt")
     parser.add_argument("--boxes", type=int, default=16, help="boxes in the batched comparison (0: skip)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table for 20 calls")
+    parser.add_argument(
+        "--stages", type=int, default=100, help="predict calls for the per-step breakdown (0: skip)"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -157,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['plain_ms']:.1f} ms ({row['plain_ms'] / row['factored_ms']:.2f}x); "
             f"{row['factored_ms'] / row['boxes']:.2f} ms per box"
         )
+    stage_table = stage_breakdown(predictor, args.stages) if args.stages else {}
+    if stage_table:
+        print(f"where one predict's time goes (median per call of {args.stages}, timed by wrapping):")
+        for label, ms in stage_table.items():
+            print(f"  {label:<58} {ms:6.2f} ms")
+    tiny_ms = overhead_on_tiny_core(args.repeats)
+    print(f"the same predict on the tiny core (per-call overhead, next to no arithmetic): {tiny_ms:.2f} ms")
     if args.profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -177,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                     "first_prompt_median_ms": first_median,
                     "second_prompt_median_ms": second_median,
                     "stages_ms": stage_ms,
+                    "breakdown_ms": stage_table,
+                    "tiny_core_overhead_ms": tiny_ms,
                     "factored_vs_plain": compared,
                     "target_ms": TARGET_MS,
                 },
