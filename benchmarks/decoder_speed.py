@@ -82,22 +82,6 @@ def batched_comparison(predictor: Predictor, embedding: ImageEmbedding, count: i
     return {"boxes": count, "factored_ms": statistics.median(factored), "plain_ms": statistics.median(plain)}
 
 
-# (key, label) of the steps timed by :func:`stage_breakdown`, in print order
-STAGE_METHODS = (
-    ("embed_prompts", "prompt encoder"),
-    ("_image_factors", "image-factor cache check"),
-    ("block", "two-way blocks (factored)"),
-    ("attend", "token->image attentions (3: 2 in the blocks, the final)"),
-    ("update", "image->token attentions (2, in the blocks)"),
-    ("layer_norm", "image LayerNorms (2, in the blocks)"),
-    ("linear", "first transposed conv (materialised)"),
-    ("upscale", "LayerNorm, GELU, second transposed conv, mask head"),
-    ("decoder", "mask decoder in all"),
-    ("postprocess", "resize to 512x512"),
-    ("predict", "Predictor.predict in all"),
-)
-
-
 def stage_breakdown(predictor: Predictor, calls: int) -> dict[str, float]:
     """Median milliseconds per ``predict`` spent in each step, by wrapping the decoder's methods.
 
@@ -107,47 +91,45 @@ def stage_breakdown(predictor: Predictor, calls: int) -> dict[str, float]:
     import samadapt.predictor as predictor_module
     from samadapt.modeling import factored, mask_decoder, sam, transformer
 
-    targets = {
-        "embed_prompts": (sam.SamModel, "embed_prompts"),
-        "_image_factors": (mask_decoder.MaskDecoder, "_image_factors"),
-        "block": (transformer.TwoWayAttentionBlock, "forward_factored"),
-        "attend": (transformer.Attention, "attend_factored"),
-        "update": (transformer.Attention, "update_factored"),
-        "layer_norm": (factored.FactoredRows, "layer_norm"),
-        "linear": (factored.FactoredRows, "linear"),
-        "upscale": (mask_decoder.MaskDecoder, "_upscale_rest"),
-        "decoder": (mask_decoder.MaskDecoder, "forward"),
-        "postprocess": (predictor_module, "postprocess_logits"),
-        "predict": (Predictor, "predict"),
-    }
+    steps = (  # (label, owner, method), in print order
+        ("prompt encoder", sam.SamModel, "embed_prompts"),
+        ("image-factor cache check", mask_decoder.MaskDecoder, "_image_factors"),
+        ("two-way blocks (factored)", transformer.TwoWayAttentionBlock, "forward_factored"),
+        ("token->image attentions (3: 2 in the blocks, the final)", transformer.Attention, "attend_factored"),
+        ("image->token attentions (2, in the blocks)", transformer.Attention, "update_factored"),
+        ("image LayerNorms (2, in the blocks)", factored.FactoredRows, "layer_norm"),
+        ("first transposed conv (materialised)", factored.FactoredRows, "linear"),
+        ("LayerNorm, GELU, second transposed conv, mask head", mask_decoder.MaskDecoder, "_upscale_rest"),
+        ("mask decoder in all", mask_decoder.MaskDecoder, "forward"),
+        ("resize to 512x512", predictor_module, "postprocess_logits"),
+        ("Predictor.predict in all", Predictor, "predict"),
+    )
     current: dict[str, float] = {}
-    originals = []
 
-    def timed(key: str, method):
+    def timed(label: str, method):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
-                current[key] = current.get(key, 0.0) + (time.perf_counter() - start) * 1000.0
+                current[label] = current.get(label, 0.0) + (time.perf_counter() - start) * 1000.0
 
         return wrapper
 
-    for key, (owner, name) in targets.items():
-        method = getattr(owner, name)
-        originals.append((owner, name, method))
-        setattr(owner, name, timed(key, method))
-    totals: dict[str, list[float]] = {key: [] for key in targets}
+    originals = [(owner, name, getattr(owner, name)) for _, owner, name in steps]
+    for (label, owner, name), (_, _, method) in zip(steps, originals, strict=True):
+        setattr(owner, name, timed(label, method))
+    totals: dict[str, list[float]] = {label: [] for label, _, _ in steps}
     try:
         for _ in range(calls):
             current.clear()
             predictor.predict(boxes=BOX)
-            for key in targets:
-                totals[key].append(current.get(key, 0.0))
+            for label, values in totals.items():
+                values.append(current.get(label, 0.0))
     finally:
         for owner, name, method in originals:
             setattr(owner, name, method)
-    return {label: statistics.median(totals[key]) for key, label in STAGE_METHODS}
+    return {label: statistics.median(values) for label, values in totals.items()}
 
 
 def overhead_on_tiny_core(repeats: int) -> float:
