@@ -25,13 +25,10 @@ def _liver_box() -> tuple[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def liver_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    out_dir = tmp_path_factory.mktemp("liver")
-    out = out_dir / "liver.nii.gz"
-    k, box = _liver_box()
-    args = ["segment", str(CT), "--box", *box, "--slice", str(k), "-o", str(out), "--label", str(LIVER)]
-    assert main([*args, "--overlay", str(out_dir / "liver.png"), "--no-progress"]) == 0
-    return out, out_dir, str(k)
+def liver_run(cli_liver_run: dict) -> tuple[Path, Path, str]:
+    """The session's one CLI liver propagation (tests/conftest.py): (label map, its folder, slice)."""
+    assert cli_liver_run["ct"] == CT and cli_liver_run["label"] == LIVER
+    return cli_liver_run["out"], cli_liver_run["overlay"].parent, str(cli_liver_run["slice"])
 
 
 def test_liver_propagates_to_a_3d_mask_with_dice_above_085(liver_run, capsys) -> None:
