@@ -16,7 +16,7 @@ the plain path; its latency is reported too, and with ``--boxes N`` (default 16)
 boxes at once, in the same run, as a ratio.
 
     .venv/bin/python benchmarks/decoder_speed.py [--repeats 200] [--threads 2] [--boxes 16] [--stages 100]
-        [--profile] [--json out.json]
+        [--ops 30] [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -132,6 +132,56 @@ def stage_breakdown(predictor: Predictor, calls: int) -> dict[str, float]:
     return {label: statistics.median(values) for label, values in totals.items()}
 
 
+def operation_times(predictor: Predictor, calls: int, top: int = 25) -> dict:
+    """Every tensor operation of one ``predict``, timed where it runs (median over ``calls`` calls).
+
+    A ``TorchDispatchMode`` times each aten/oneDNN call between its entry and its return, so an
+    operation's figure includes its dispatch and its threads' start, but not the Python between
+    operations (the mode's own Python makes the whole call slower; the operations' sum is comparable
+    to a plain call's time). Returns the count, the sum, the sum and count of small (< 30 us), medium
+    (30-200 us) and large operations, and the ``top`` largest with their input shapes.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Timed(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[str, tuple, float]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            elapsed = (time.perf_counter() - start) * 1000.0
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            self.rows.append((str(func), shapes, elapsed))
+            return out
+
+    per_position: dict[tuple, list[float]] = {}
+    for call in range(calls + 3):  # the first 3 untimed
+        mode = Timed()
+        with mode:
+            predictor.predict(boxes=BOX)
+        if call >= 3:
+            for position, (name, shapes, ms) in enumerate(mode.rows):
+                per_position.setdefault((position, name, shapes), []).append(ms)
+    medians = {key: statistics.median(values) for key, values in per_position.items()}
+    groups = {"small (< 30 us)": (0.0, 0.03), "medium (30-200 us)": (0.03, 0.2), "large": (0.2, 1e9)}
+    summary = {
+        label: {
+            "count": sum(lo <= ms < hi for ms in medians.values()),
+            "ms": sum(ms for ms in medians.values() if lo <= ms < hi),
+        }
+        for label, (lo, hi) in groups.items()
+    }
+    largest = sorted(medians.items(), key=lambda item: -item[1])[:top]
+    return {
+        "count": len(medians),
+        "sum_ms": sum(medians.values()),
+        "groups": summary,
+        "largest": [{"op": key[1], "shapes": key[2], "ms": ms} for key, ms in largest],
+    }
+
+
 def overhead_on_tiny_core(repeats: int) -> float:
     """Median ms of the same ``predict`` on the tiny core (random weights, 8 x 8 grid, 32 channels).
 
@@ -157,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table for 20 calls")
     parser.add_argument(
         "--stages", type=int, default=100, help="predict calls for the per-step breakdown (0: skip)"
+    )
+    parser.add_argument(
+        "--ops", type=int, default=0, help="predict calls for the per-operation timing (0: skip)"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -231,6 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"where one predict's time goes (median per call of {args.stages}, timed by wrapping):")
         for label, ms in stage_table.items():
             print(f"  {label:<58} {ms:6.2f} ms")
+    ops = operation_times(predictor, args.ops) if args.ops else {}
+    if ops:
+        print(
+            f"its {ops['count']} tensor operations, each timed where it runs (median of {args.ops} calls): "
+            f"{ops['sum_ms']:.2f} ms in all"
+        )
+        for label, group in ops["groups"].items():
+            print(f"  {label:<20} {group['count']:4d} operations {group['ms']:6.2f} ms")
+        for row in ops["largest"]:
+            shapes = " ".join("x".join(map(str, shape)) for shape in row["shapes"])
+            print(f"  {row['ms']:6.3f} ms  {row['op']:<40} {shapes}")
     tiny_ms = overhead_on_tiny_core(args.repeats)
     print(f"the same predict on the tiny core (per-call overhead, next to no arithmetic): {tiny_ms:.2f} ms")
     if args.profile:
@@ -254,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     "second_prompt_median_ms": second_median,
                     "stages_ms": stage_ms,
                     "breakdown_ms": stage_table,
+                    "operations": ops,
                     "tiny_core_overhead_ms": tiny_ms,
                     "factored_vs_plain": compared,
                     "target_ms": TARGET_MS,
