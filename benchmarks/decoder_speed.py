@@ -6,8 +6,11 @@ The real LiteMedSAM weights (``verified_default_checkpoint()``), the bundled 512
 the 256 x 256 logits to 512 x 512 and the threshold, all in-process. Reports the median and p95 in
 milliseconds, with where the time goes: a median per call for each step of the decoder (its methods
 timed by wrapping, ``--stages N`` calls), the same call on the tiny core (random weights, next to no
-arithmetic: what each call pays in Python, dispatch and threading), and ``--profile`` prints
-torch.profiler's table (the profiler itself inflates small operations several times).
+arithmetic: what each call pays in Python, dispatch and threading), every tensor operation of a call
+timed where it runs (``--ops N``), and ``--profile`` prints torch.profiler's table (the profiler itself
+inflates small operations several times). Two experiments, not product paths, time the same decode
+run other ways: replayed as an FX graph and as a TorchScript trace (``--trace-experiment N``), and
+under ``torch.compile`` (``--compile-experiment N``, run last).
 
 From the second prompt on an embedding the decoder runs its transformer factored (see
 ``samadapt.modeling.factored``): the image side's products with the weights are kept for the last
@@ -16,7 +19,7 @@ the plain path; its latency is reported too, and with ``--boxes N`` (default 16)
 boxes at once, in the same run, as a ratio.
 
     .venv/bin/python benchmarks/decoder_speed.py [--repeats 200] [--threads 2] [--boxes 16] [--stages 100]
-        [--ops 30] [--profile] [--json out.json]
+        [--ops 30] [--trace-experiment 150] [--compile-experiment 100] [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -182,6 +185,120 @@ def operation_times(predictor: Predictor, calls: int, top: int = 25) -> dict:
     }
 
 
+def traced_replay_experiment(predictor: Predictor, calls: int) -> dict[str, float]:
+    """An experiment, not a product path: the factored decode replayed as a recorded graph.
+
+    How much of a call is Python that a graph replay would remove, two ways: an FX graph of the
+    aten operations (``make_fx``: the same operations called from generated Python, without
+    samadapt's own code around them) and a TorchScript trace (run by TorchScript's C++ interpreter,
+    no Python per operation). ``torch.jit.trace`` is deprecated
+    in torch 2.x (a FutureWarning) and cannot record oneDNN's fused linear (its ``Scalar?[]``
+    argument). Two internal switches are patched: the "a graph is being recorded" test (the factored
+    path refuses tracers and compilers), until the end, and for the trace alone the fused linear
+    (``F.linear`` instead). Returns median milliseconds of ``decode_prompts`` for one box over
+    ``calls`` interleaved calls, the time to record the trace, and the largest logit difference
+    between the TorchScript trace and the eager call.
+    """
+    import warnings
+
+    from samadapt.modeling import common
+
+    model, embedding = predictor.model, predictor.current
+    encoded = embedding.encoder_output()
+    boxes = torch.as_tensor(
+        predictor.profile.boxes_to_input(
+            predictor.check_boxes(BOX, embedding.original_size), embedding.original_size
+        ),
+        dtype=torch.float32,
+    )
+
+    def decode(boxes: torch.Tensor):
+        return model.decode_prompts(encoded, PromptBatch(boxes=boxes), multimask_output=False)
+
+    capturing, fused = common._capturing_graph, common._fused_linear
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)  # a trace keeps the weights as constants
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks become constants
+            decode(boxes)  # the image's factored products exist from here on
+            expected = decode(boxes)[0]
+            common._capturing_graph = lambda: False
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            recorded = make_fx(decode)(boxes)  # with the fused linear
+            common._fused_linear = lambda x: False
+            start = time.perf_counter()
+            traced = torch.jit.trace(decode, (boxes,), check_trace=False)
+            trace_ms = (time.perf_counter() - start) * 1000.0
+            common._fused_linear = fused
+            difference = float((traced(boxes)[0] - expected).abs().max())
+            variants = {
+                "eager (the product path)": decode,
+                "FX graph replay (aten ops)": recorded,
+                "TorchScript trace replay": traced,
+            }
+            times: dict[str, list[float]] = {label: [] for label in variants}
+            for _ in range(calls + 10):
+                for label, fn in variants.items():
+                    start = time.perf_counter()
+                    fn(boxes)
+                    times[label].append((time.perf_counter() - start) * 1000.0)
+    finally:
+        common._capturing_graph, common._fused_linear = capturing, fused
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads[name])
+    result = {label: statistics.median(values[10:]) for label, values in times.items()}
+    return {**result, "recording the trace": trace_ms, "max_logit_difference": difference}
+
+
+def compile_experiment(predictor: Predictor, calls: int) -> dict[str, float]:
+    """An experiment, not a product path: the factored decode under ``torch.compile``, vs eager.
+
+    Inductor with frozen weights (generated C++, elementwise operations fused). The factored path
+    refuses compilers, so its "a graph is being recorded" test is patched for the whole experiment
+    (outside a recording it answers as the real one). Run last: inductor's compile workers and
+    dynamo's state disturb what runs after them. Returns the compile time (s) and the median
+    milliseconds of ``calls`` interleaved calls each.
+    """
+    from torch._inductor import config as inductor_config
+
+    from samadapt.modeling import common
+
+    model, embedding = predictor.model, predictor.current
+    encoded = embedding.encoder_output()
+    boxes = torch.as_tensor(
+        predictor.profile.boxes_to_input(
+            predictor.check_boxes(BOX, embedding.original_size), embedding.original_size
+        ),
+        dtype=torch.float32,
+    )
+
+    def decode(boxes: torch.Tensor):
+        return model.decode_prompts(encoded, PromptBatch(boxes=boxes), multimask_output=False)
+
+    capturing = common._capturing_graph
+    common._capturing_graph = lambda: False
+    try:
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            decode(boxes)
+            decode(boxes)  # the image's factored products exist from here on
+            compiled = torch.compile(decode)
+            start = time.perf_counter()
+            compiled(boxes)
+            compile_s = time.perf_counter() - start
+            times: dict[str, list[float]] = {"eager (the product path)": [], "torch.compile (inductor)": []}
+            for _ in range(calls + 10):
+                for label, fn in zip(times, (decode, compiled), strict=True):
+                    start = time.perf_counter()
+                    fn(boxes)
+                    times[label].append((time.perf_counter() - start) * 1000.0)
+    finally:
+        common._capturing_graph = capturing
+    return {"compile_s": compile_s, **{label: statistics.median(v[10:]) for label, v in times.items()}}
+
+
 def overhead_on_tiny_core(repeats: int) -> float:
     """Median ms of the same ``predict`` on the tiny core (random weights, 8 x 8 grid, 32 channels).
 
@@ -210,6 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--ops", type=int, default=0, help="predict calls for the per-operation timing (0: skip)"
+    )
+    parser.add_argument(
+        "--trace-experiment",
+        type=int,
+        default=0,
+        help="calls for the traced-replay experiment (0: skip; patches internals, see its docstring)",
+    )
+    parser.add_argument(
+        "--compile-experiment",
+        type=int,
+        default=0,
+        help="calls for the torch.compile experiment, run last (0: skip; patches internals)",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -295,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         for row in ops["largest"]:
             shapes = " ".join("x".join(map(str, shape)) for shape in row["shapes"])
             print(f"  {row['ms']:6.3f} ms  {row['op']:<40} {shapes}")
+    traced = traced_replay_experiment(predictor, args.trace_experiment) if args.trace_experiment else {}
+    if traced:
+        print(f"experiment: decode_prompts, one box, eager vs traced ({args.trace_experiment} calls):")
+        for label, ms in traced.items():
+            value = f"{ms:.2e}" if label == "max_logit_difference" else f"{ms:8.2f} ms"
+            print(f"  {label:<30} {value}")
     tiny_ms = overhead_on_tiny_core(args.repeats)
     print(f"the same predict on the tiny core (per-call overhead, next to no arithmetic): {tiny_ms:.2f} ms")
     if args.profile:
@@ -305,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(20):
                 predict()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    compiled = compile_experiment(predictor, args.compile_experiment) if args.compile_experiment else {}
+    if compiled:
+        print(f"experiment: decode_prompts, one box, eager vs compiled ({args.compile_experiment} calls):")
+        for label, value in compiled.items():
+            print(f"  {label:<30} " + (f"{value:8.1f} s" if label == "compile_s" else f"{value:8.2f} ms"))
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -319,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                     "stages_ms": stage_ms,
                     "breakdown_ms": stage_table,
                     "operations": ops,
+                    "traced_replay_experiment": traced,
+                    "compile_experiment": compiled,
                     "tiny_core_overhead_ms": tiny_ms,
                     "factored_vs_plain": compared,
                     "target_ms": TARGET_MS,
