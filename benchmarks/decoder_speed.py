@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -185,36 +186,42 @@ def operation_times(predictor: Predictor, calls: int, top: int = 25) -> dict:
     }
 
 
+def one_box_decode(predictor: Predictor) -> tuple[Callable[[torch.Tensor], tuple], torch.Tensor]:
+    """(decode, boxes): ``decode_prompts`` on the predictor's current embedding for boxes (B, 4) in
+    the model's input frame, single mask, and :data:`BOX` in that frame, for the experiments."""
+    model, embedding = predictor.model, predictor.current
+    encoded = embedding.encoder_output()
+    size = embedding.original_size
+    boxes = torch.as_tensor(
+        predictor.profile.boxes_to_input(predictor.check_boxes(BOX, size), size), dtype=torch.float32
+    )
+
+    def decode(boxes: torch.Tensor) -> tuple:
+        return model.decode_prompts(encoded, PromptBatch(boxes=boxes), multimask_output=False)
+
+    return decode, boxes
+
+
 def traced_replay_experiment(predictor: Predictor, calls: int) -> dict[str, float]:
     """An experiment, not a product path: the factored decode replayed as a recorded graph.
 
     How much of a call is Python that a graph replay would remove, two ways: an FX graph of the
     aten operations (``make_fx``: the same operations called from generated Python, without
     samadapt's own code around them) and a TorchScript trace (run by TorchScript's C++ interpreter,
-    no Python per operation). ``torch.jit.trace`` is deprecated
-    in torch 2.x (a FutureWarning) and cannot record oneDNN's fused linear (its ``Scalar?[]``
-    argument). Two internal switches are patched: the "a graph is being recorded" test (the factored
-    path refuses tracers and compilers), until the end, and for the trace alone the fused linear
-    (``F.linear`` instead). Returns median milliseconds of ``decode_prompts`` for one box over
-    ``calls`` interleaved calls, the time to record the trace, and the largest logit difference
-    between the TorchScript trace and the eager call.
+    no Python per operation). ``torch.jit.trace`` is deprecated in torch 2.x (a FutureWarning) and
+    cannot record oneDNN's fused linear (its ``Scalar?[]`` argument). Two internal switches are
+    patched: the "a graph is being recorded" test (the factored path refuses tracers and
+    compilers), until the end, and for the trace alone the fused linear (``F.linear`` instead).
+    Returns median milliseconds of ``decode_prompts`` for one box over ``calls`` interleaved calls,
+    the time to record the trace, and the largest logit difference between the TorchScript trace
+    and the eager call.
     """
     import warnings
 
     from samadapt.modeling import common
 
-    model, embedding = predictor.model, predictor.current
-    encoded = embedding.encoder_output()
-    boxes = torch.as_tensor(
-        predictor.profile.boxes_to_input(
-            predictor.check_boxes(BOX, embedding.original_size), embedding.original_size
-        ),
-        dtype=torch.float32,
-    )
-
-    def decode(boxes: torch.Tensor):
-        return model.decode_prompts(encoded, PromptBatch(boxes=boxes), multimask_output=False)
-
+    model = predictor.model
+    decode, boxes = one_box_decode(predictor)
     capturing, fused = common._capturing_graph, common._fused_linear
     grads = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)  # a trace keeps the weights as constants
@@ -266,18 +273,7 @@ def compile_experiment(predictor: Predictor, calls: int) -> dict[str, float]:
 
     from samadapt.modeling import common
 
-    model, embedding = predictor.model, predictor.current
-    encoded = embedding.encoder_output()
-    boxes = torch.as_tensor(
-        predictor.profile.boxes_to_input(
-            predictor.check_boxes(BOX, embedding.original_size), embedding.original_size
-        ),
-        dtype=torch.float32,
-    )
-
-    def decode(boxes: torch.Tensor):
-        return model.decode_prompts(encoded, PromptBatch(boxes=boxes), multimask_output=False)
-
+    decode, boxes = one_box_decode(predictor)
     capturing = common._capturing_graph
     common._capturing_graph = lambda: False
     try:
