@@ -6,13 +6,13 @@ neighbouring chunks share exact integer edges and dissolve without slivers; the 
 then mapped to map coordinates with the raster's affine transform.
 
 :func:`write_vectors` writes one feature per instance with fields ``id``, ``score``, ``area`` and
-``feature_id`` (when prompts came from a file), plus any other scalar fields the records carry (``class``
-from an instance adapter, say). ``area`` is in m²: map units² times the CRS's unit factor, or
-measured on a local equal-area projection for geographic CRSs (plain map units² only for a raster
-without CRS). The file keeps the raster's CRS;
-GeoJSON too, except with ``rfc7946=True`` or a CRS without EPSG code, which GDAL's GeoJSON writer cannot
-store: such layers are reprojected to WGS84 as RFC 7946 asks (areas are computed before). The file is
-written under a temporary name and renamed, and is a valid empty layer when nothing was found.
+``feature_id`` (when prompts came from a file), plus any other scalar fields the records carry
+(``class`` from an instance adapter, say). ``area`` is in m²: map units² times the CRS's unit
+factor, or measured on a local equal-area projection for geographic CRSs (plain map units² only for
+a raster without CRS). The file keeps the raster's CRS; GeoJSON too, except with ``rfc7946=True``
+or a CRS without EPSG code, which GDAL's GeoJSON writer cannot store: such layers are reprojected to
+WGS84 as RFC 7946 asks (areas are computed before). The file is written under a temporary name and
+renamed, and is a valid empty layer when nothing was found.
 """
 
 from __future__ import annotations
